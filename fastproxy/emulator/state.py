@@ -57,9 +57,7 @@ class InstanceName:
     @property
     def cluster_parent(self) -> str:
         """The resource name generateClientCertificate is scoped to (one CA per cluster)."""
-        return (
-            f"projects/{self.project}/locations/{self.region}/clusters/{self.cluster}"
-        )
+        return f"projects/{self.project}/locations/{self.region}/clusters/{self.cluster}"
 
     @property
     def short(self) -> str:
@@ -139,6 +137,8 @@ class EmulatorState:
     drop_after_handshake: bool = False
     one_byte_records: bool = False
     issued: dict[int, IssuedCert] = field(default_factory=dict)
+    # the next N Admin API calls answer 200 with a body that is not JSON
+    malformed_json_next: int = 0
 
     # --- lookups -------------------------------------------------------------------------
     def principal_for(self, token: str) -> str | None:
@@ -172,9 +172,18 @@ class EmulatorState:
         with self.lock:
             return self.admin_failures.popleft() if self.admin_failures else None
 
+    def take_malformed_json(self) -> bool:
+        """Consume one pending malformed-response fault, if any."""
+        with self.lock:
+            if self.malformed_json_next > 0:
+                self.malformed_json_next -= 1
+                return True
+            return False
+
     def reset_faults(self) -> None:
         with self.lock:
             self.admin_failures.clear()
+            self.malformed_json_next = 0
             self.admin_latency_s = 0.0
             self.mdx_refusal = None
             self.drop_after_handshake = False
