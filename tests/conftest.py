@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,3 +146,95 @@ def emulator_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator
     emu = start_emulator_process(tmp, "--backend", "echo", "--token", "echo-token=echo@example.com")
     yield emu
     emu.stop()
+
+
+@dataclass
+class ProxyProcess:
+    proc: subprocess.Popen[str]
+    ports: list[int]
+    lines: list[str]
+    drainer: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.drainer is not None:
+            self.drainer.join(timeout=10)
+        return int(self.proc.returncode)
+
+
+def start_proxy_process(*args: str, timeout: float = 60.0) -> ProxyProcess:
+    """Start ``python -m fastproxy ARGS`` and wait for its ready line; ports are read back from
+    its "Listening on" lines (pass ``--port 0`` to let the OS choose)."""
+    import re
+    import selectors
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastproxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(REPO),
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    ports: list[int] = []
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                proc.kill()
+                raise RuntimeError("proxy not ready in time:\n" + "".join(lines))
+            if not sel.select(remaining):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                proc.wait()
+                raise RuntimeError(f"proxy exited ({proc.returncode}):\n" + "".join(lines))
+            lines.append(line)
+            m = re.search(r"Listening on \S+:(\d+) ", line)
+            if m:
+                ports.append(int(m.group(1)))
+            if "ready for new connections" in line:
+                break
+    finally:
+        sel.close()
+
+    # Keep draining output in the background so the proxy never blocks on a full pipe.
+    def drain() -> None:
+        assert proc.stdout is not None
+        for ln in proc.stdout:
+            lines.append(ln)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    return ProxyProcess(proc, ports, lines, drainer)
+
+
+@pytest.fixture
+def proxy_factory() -> Iterator[Callable[..., ProxyProcess]]:
+    started: list[ProxyProcess] = []
+
+    def start(*args: str) -> ProxyProcess:
+        p = start_proxy_process(*args)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()

@@ -1,0 +1,186 @@
+"""Listening sockets: TCP (127.0.0.1 by default) and unix, batched accept, pause and resume.
+
+Accepting stops in two situations, and in both the pending clients wait in the kernel's backlog
+rather than being accepted and closed:
+
+* the max-connections gate is full (the proxy pauses every listener until a connection closes);
+* the process is out of descriptors (EMFILE/ENFILE): accepting again at once would spin, since the
+  listening socket stays readable; the listener pauses until a descriptor is freed (a connection
+  closes) or, as a fallback when descriptors were freed elsewhere, a timer fires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastproxy.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastproxy.loop import Loop
+    from fastproxy.source import ConnectionInfoSource
+
+log = logging.getLogger("fastproxy.listener")
+
+ACCEPT_BATCH = 64  # bounded so one busy listener cannot starve established connections
+BACKLOG = 4096
+EMFILE_RETRY_S = 1.0
+
+AcceptCallback = Callable[["Listener", socket.socket, str], None]
+
+
+class Listener:
+    """One listening socket bound to one connection-info source."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        source: ConnectionInfoSource,
+        description: str,
+        unix_path: Path | None = None,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.source = source
+        self.description = description
+        self.unix_path = unix_path
+        self.loop: Loop | None = None
+        self.on_accept: AcceptCallback | None = None
+        self.can_accept: Callable[[], bool] = lambda: True
+        self.paused_for_fds = False
+        self.paused_for_gate = False
+        self._registered_read = False
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def tcp(cls, address: str, port: int, source: ConnectionInfoSource) -> Listener:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+            sock.listen(BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot listen on {address}:{port} for {source.name}: {exc.strerror or exc}"
+            ) from exc
+        sock.setblocking(False)
+        host, bound = sock.getsockname()[:2]
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        return cls(sock, source, f"{shown}:{bound}")
+
+    @classmethod
+    def unix(cls, path: Path, source: ConnectionInfoSource) -> Listener:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() or path.is_symlink():
+                if not stat.S_ISSOCK(path.lstat().st_mode):
+                    raise ConfigError(f"{path} exists and is not a socket; refusing to remove it")
+                path.unlink()  # a stale socket from an earlier run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(path))
+                os.chmod(path, 0o777)  # as the Auth Proxy: any local user may connect
+                sock.listen(BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on unix socket {path} for {source.name}: {exc.strerror or exc}"
+            ) from exc
+        sock.setblocking(False)
+        return cls(sock, source, str(path), unix_path=path)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1]) if self.unix_path is None else 0
+
+    # -- loop integration -----------------------------------------------------------------
+    def attach(self, loop: Loop, on_accept: AcceptCallback, can_accept: Callable[[], bool]) -> None:
+        self.loop = loop
+        self.on_accept = on_accept
+        self.can_accept = can_accept
+        loop.register(self.sock, self, True, False)
+        self._registered_read = True
+
+    def _set_reading(self, on: bool) -> None:
+        if self.loop is None or on == self._registered_read:
+            return
+        self._registered_read = on
+        self.loop.modify(self.fd, on, False)
+
+    def pause_for_gate(self) -> None:
+        self.paused_for_gate = True
+        self._set_reading(False)
+
+    def resume(self) -> None:
+        """A descriptor or a connection slot was freed: accept again if nothing else blocks."""
+        self.paused_for_gate = False
+        self.paused_for_fds = False
+        self._set_reading(True)
+
+    def on_writable(self) -> None:  # never registered for writing
+        pass
+
+    def on_readable(self) -> None:
+        assert self.on_accept is not None and self.loop is not None
+        for _ in range(ACCEPT_BATCH):
+            if not self.can_accept():
+                self.pause_for_gate()
+                return
+            try:
+                client, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_for_fds(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up while in the backlog
+                log.warning("accept on %s failed: %s", self.description, exc)
+                return
+            peer = _peer_name(addr)
+            self.on_accept(self, client, peer)
+
+    def _pause_for_fds(self, exc: OSError) -> None:
+        if not self.paused_for_fds:
+            log.warning(
+                "out of file descriptors accepting on %s (%s): pausing accepts until one is freed",
+                self.description,
+                exc.strerror,
+            )
+        self.paused_for_fds = True
+        self._set_reading(False)
+        assert self.loop is not None
+        self.loop.call_later(EMFILE_RETRY_S, self._retry_after_emfile)
+
+    def _retry_after_emfile(self) -> None:
+        if self.paused_for_fds and not self.paused_for_gate:
+            self.paused_for_fds = False
+            self._set_reading(True)
+
+    def close(self) -> None:
+        if self.loop is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.loop.unregister(self.fd)
+        self.sock.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(OSError):
+                self.unix_path.unlink()
+
+
+def _peer_name(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "unix"
