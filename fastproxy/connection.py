@@ -437,16 +437,15 @@ class Connection:
         pool, queue = self.shared.pool, self.to_client
         while not self.upstream_eof and not queue.is_above_high:
             slab = pool.borrow()
-            if slab is None:
-                # The pool is exhausted: that is backpressure; the loop retries on the next
-                # writability of any client (see _on_client_writable) or the next upstream read.
-                break
+            # An exhausted pool degrades to copying out of the scratch buffer: memory stays
+            # bounded by the high-water mark either way, and no connection starves.
+            target = slab.view if slab is not None else self.shared.scratch_view[: pool.slab_size]
             got = 0
             ended = ""
-            size = len(slab.view)
+            size = len(target)
             while got < size:
                 try:
-                    n = tls.recv_into(slab.view[got:])
+                    n = tls.recv_into(target[got:])
                 except TLSFailure as exc:
                     ended = f"upstream TLS error: {exc}"
                     break
@@ -456,8 +455,11 @@ class Connection:
                     ended = "upstream closed"
                     break
                 got += n
-            if got:
-                self.bytes_down += got
+            self.bytes_down += got
+            if slab is None:
+                if got:
+                    queue.push_bytes(bytes(target[:got]))
+            elif got:
                 slab.start, slab.end = 0, got
                 queue.push_slab(slab)
             else:

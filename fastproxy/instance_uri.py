@@ -1,7 +1,8 @@
 """AlloyDB instance URIs: parsing, the names derived from them, and the ``?k=v`` option suffix.
 
 An instance is named
-``projects/<PROJECT>/locations/<REGION>/clusters/<CLUSTER>/instances/<INSTANCE>`` (protocol.md §1). ``<PROJECT>`` may be a legacy domain-scoped project such as ``google.com:p``
+``projects/<PROJECT>/locations/<REGION>/clusters/<CLUSTER>/instances/<INSTANCE>``
+(protocol.md §1). ``<PROJECT>`` may be a legacy domain-scoped project such as ``google.com:p``
 (exactly one colon).
 
 The connectors validate with ``projects/([^:]+(:[^:]+)?)/locations/([^:]+)/clusters/([^:]+)/
@@ -30,16 +31,14 @@ from fastproxy.errors import ConfigError
 __all__ = ["InstanceURI", "split_query"]
 
 # One segment: anything but the separators, whitespace, control characters and the query mark.
-_SEG: Final = r"[^:/?\s\x00-\x1f\x7f]+"
+_SEG: Final = r"[^:/?\s\x00-\x1f\x7f-\x9f]+"
 _URI_RE: Final = re.compile(
     rf"projects/(?P<project>{_SEG}(?::{_SEG})?)"
     rf"/locations/(?P<region>{_SEG})"
     rf"/clusters/(?P<cluster>{_SEG})"
     rf"/instances/(?P<name>{_SEG})"
 )
-_EXPECTED: Final = (
-    "projects/<PROJECT>/locations/<REGION>/clusters/<CLUSTER>/instances/<INSTANCE>"
-)
+_EXPECTED: Final = "projects/<PROJECT>/locations/<REGION>/clusters/<CLUSTER>/instances/<INSTANCE>"
 
 # Option keys are short identifiers like ``port`` or ``unix-socket-path``.
 _KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")

@@ -32,7 +32,10 @@ from fastproxy.stats import Stats
 log = logging.getLogger("fastproxy.proxy")
 
 DEFAULT_SLAB_SIZE = 64 * 1024
-DEFAULT_SLAB_COUNT = 1024  # 64 MiB at most in flight before the pool itself applies backpressure
+# 256 x 64 KiB = 16 MiB preallocated, growing by whole arenas up to 8 x that (128 MiB) under load;
+# past that the pool itself applies backpressure (reads pause until slabs come back).
+DEFAULT_SLAB_COUNT = 256
+DEFAULT_MAX_ARENAS = 8
 
 
 class Proxy:
@@ -54,7 +57,9 @@ class Proxy:
         self.loop = loop or Loop()
         self.listeners = list(listeners)
         self.max_connections = max_connections
-        self.pool = BufferPool(slab_size=slab_size, slab_count=slab_count)
+        self.pool = BufferPool(
+            slab_size=slab_size, slab_count=slab_count, max_arenas=DEFAULT_MAX_ARENAS
+        )
         self.stats_counters = Stats()
         self._resolver_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.shared = Shared(

@@ -284,7 +284,9 @@ class Emulator:
             "port": self.backend.port,
         }
         if self.backend.kind == "postgres":
-            backend.update(user="postgres", password=self.args.postgres_password)
+            # When "postgres" is itself an IAM principal its password is the emulator's secret.
+            iam = any(iam_db_user(p) == "postgres" for p in self.tokens.values())
+            backend.update(user="postgres", password=None if iam else self.args.postgres_password)
         return {
             "pid": os.getpid(),
             "admin_endpoint": endpoint,
