@@ -68,13 +68,17 @@ log = logging.getLogger("fastproxy.emulator.server")
 DEFAULT_PORT = 5433  # every AlloyDB client dials this port (§2.7)
 # Clients give the exchange 30 s (§4.2, §5.1); the server gives the request as long.
 MDX_TIMEOUT_S = 30.0
-# A client that connects but never finishes the handshake must not hold a socket forever.
-HANDSHAKE_TIMEOUT_S = 30.0
+# A client that connects but never finishes the handshake must not hold a socket forever. Generous
+# on purpose: when thousands of connections open at once the clients' own handshake CPU queues
+# them for tens of seconds, and the emulator must never be the reason a load test fails.
+HANDSHAKE_TIMEOUT_S = 120.0
 BACKEND_CONNECT_TIMEOUT_S = 10.0
 # After a refusal the server sends its answer, close_notify and FIN, then waits this long for the
 # client's EOF before closing: closing with unread input makes the kernel send RST, which can
 # destroy the refusal before the client has read it.
 LINGER_S = 5.0
+# Longest error text put in an exchange reply.
+MAX_ERROR_TEXT = 1024
 # Plaintext read size per SSLObject.read call (bounded by the TLS record size anyway).
 READ_CHUNK = 64 * 1024
 # Write-buffer watermarks of both transports: above HIGH the other side stops being read.
@@ -264,11 +268,11 @@ class ServerConnection(asyncio.Protocol):
         self.iam_intercept = False
         self.client_done = False  # the client finished sending (close_notify or FIN)
         self.server_done = False  # we sent close_notify: nothing more goes to the client
+        self.fin_sent = False  # we half-closed the client's TCP connection
         self.backend_done = False  # the backend finished sending
         self.read_pauses: set[str] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.reason = "client disconnected"
-        self.handshake_ok = False
         self.bytes_from_client = 0
         self.bytes_to_client = 0
         self.bytes_from_backend = 0
@@ -286,7 +290,9 @@ class ServerConnection(asyncio.Protocol):
             self.state.counters.connections_accepted += 1
             self.state.counters.connections_active += 1
         self.server.connections.add(self)
-        self._arm_timer(HANDSHAKE_TIMEOUT_S, "TLS handshake not finished within 30 s")
+        self._arm_timer(
+            HANDSHAKE_TIMEOUT_S, f"TLS handshake not finished within {HANDSHAKE_TIMEOUT_S:.0f} s"
+        )
         ctx = self.server.context_for(self.instance)
         if isinstance(ctx, ssl.SSLContext):
             self._start_tls(ctx)
@@ -309,7 +315,7 @@ class ServerConnection(asyncio.Protocol):
             )
             return False
         if self.phase is _Phase.LINGER:
-            self._close("refused")
+            self._close(self.reason)  # the refusal's reason, already logged at INFO
             return False
         if not self.client_done:
             # TCP EOF without close_notify: a truncation by TLS rules, but treated as the end of
@@ -370,8 +376,20 @@ class ServerConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Send whatever OpenSSL produced (handshake, records, alerts)."""
-        if self.outgoing.pending and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(self.outgoing.read())
+        if not self.outgoing.pending:
+            return
+        data = self.outgoing.read()
+        # After our FIN nothing can be sent (e.g. a reply to a late KeyUpdate): drop it.
+        if self.transport is not None and not self.transport.is_closing() and not self.fin_sent:
+            self.transport.write(data)
+
+    def _write_eof(self) -> None:
+        """TCP half-close towards the client, after whatever is queued."""
+        if self.fin_sent or self.transport is None or self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.fin_sent = True
+            self.transport.write_eof()
 
     def _pump(self) -> None:
         assert self.sslobj is not None
@@ -385,7 +403,6 @@ class ServerConnection(asyncio.Protocol):
                 self._handshake_failed(f"TLS handshake failed: {_describe_ssl_error(exc)}")
                 return
             self._flush()
-            self.handshake_ok = True
             self._cancel_timer()
             self._handshake_done()
         self._read_plaintext()
@@ -453,7 +470,9 @@ class ServerConnection(asyncio.Protocol):
             return
         if issued.use_metadata_exchange:
             self.phase = _Phase.EXCHANGE
-            self._arm_timer(MDX_TIMEOUT_S, "no metadata exchange request within 30 s")
+            self._arm_timer(
+                MDX_TIMEOUT_S, f"no metadata exchange request within {MDX_TIMEOUT_S:g} s"
+            )
         else:
             self._begin_forwarding()
 
@@ -527,7 +546,9 @@ class ServerConnection(asyncio.Protocol):
             message,
             " (fault mdx_refusal)" if fault else "",
         )
-        self._send_to_client(encode_response(ResponseCode.ERROR, message), relay=False)
+        # Keep the reply far below Go's 16 KiB read buffer (§4.2), whatever the fault text is.
+        text = message if len(message) <= MAX_ERROR_TEXT else message[: MAX_ERROR_TEXT - 3] + "..."
+        self._send_to_client(encode_response(ResponseCode.ERROR, text), relay=False)
         self._linger(f"metadata exchange refused: {message}")
 
     def _begin_forwarding(self) -> None:
@@ -633,12 +654,9 @@ class ServerConnection(asyncio.Protocol):
         except (TimeoutError, OSError) as exc:
             if self.phase is not _Phase.CONNECTING:
                 return
-            message = f"cannot reach backend {host}:{port}: {exc or 'timeout'}"
-            if self.iam_intercept or self.auth_type is not None:
-                self._pg_fatal("08006", message)
-            else:
-                log.info("closing %s: %s", self.peer, message)
-                self._close(message)
+            # Whatever the auth mode, the client's next step is the PostgreSQL startup, so a
+            # PostgreSQL error is what it can report best.
+            self._pg_fatal("08006", f"cannot reach backend {host}:{port}: {exc or 'timeout'}")
             return
         if self.phase is not _Phase.CONNECTING:
             if proto.transport is not None:
@@ -699,6 +717,8 @@ class ServerConnection(asyncio.Protocol):
                 (code,) = _INT32.unpack_from(msg, 5)
                 if code == PG_AUTH_CLEARTEXT:
                     self._answer_password()
+                    if self.phase is not _Phase.RELAY:
+                        return  # refused: no password to answer with
                     continue
                 if code == PG_AUTH_OK:
                     self.iam_intercept = False
@@ -782,8 +802,7 @@ class ServerConnection(asyncio.Protocol):
             return
         self.server_done = True
         self._send_close_notify()
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._write_eof()
         self._maybe_done()
 
     def _send_close_notify(self) -> None:
@@ -851,6 +870,9 @@ class ServerConnection(asyncio.Protocol):
             self._handshake_failed(reason)
             return
         log.info("closing %s at %s: %s", self.peer, self.instance.name.short, reason)
+        if not self.server_done:
+            self.server_done = True
+            self._send_close_notify()  # a clean TLS close: the client sees EOF, not truncation
         self._close(reason)
 
     def _refuse(self, reason: str) -> None:
@@ -870,8 +892,7 @@ class ServerConnection(asyncio.Protocol):
             self._send_close_notify()
         else:
             self._flush()  # the alert, if any
-        if self.transport is not None and self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._write_eof()
         if self.client_done:
             self._close(reason)
             return

@@ -10,7 +10,12 @@ OS picks. Nothing waits by sleeping: every wait is on a socket or a condition wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import hashlib
+import logging
+import os
+import select
 import socket
 import ssl
 import struct
@@ -26,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fastproxy.emulator import dataplane
 from fastproxy.emulator.dataplane import ServerSide
 from fastproxy.emulator.pki import PKI, ClientCertificate
 from fastproxy.emulator.state import (
@@ -166,6 +172,9 @@ class TLSClient:
             out = bytes(self.pending)
             self.pending.clear()
             return out
+        return self._recv_tls()
+
+    def _recv_tls(self) -> bytes:
         while True:
             try:
                 return self.obj.read(65536)
@@ -177,7 +186,7 @@ class TLSClient:
     def recv_exactly(self, n: int) -> bytes:
         buf = self.pending
         while len(buf) < n:
-            chunk = self.recv()
+            chunk = self._recv_tls()
             if not chunk:
                 raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
             buf += chunk
@@ -187,7 +196,7 @@ class TLSClient:
 
     def recv_to_eof(self) -> bytes:
         buf = self.pending
-        while chunk := self.recv():
+        while chunk := self._recv_tls():
             buf += chunk
         out = bytes(buf)
         buf.clear()
@@ -200,10 +209,8 @@ class TLSClient:
 
     def close_notify(self) -> None:
         """Half-close at the TLS level: we send nothing more, but keep reading."""
-        try:
+        with contextlib.suppress(ssl.SSLWantReadError):
             self.obj.unwrap()
-        except ssl.SSLWantReadError:
-            pass
         self.flush()
 
     def close(self) -> None:
@@ -411,7 +418,7 @@ def test_no_client_certificate_is_refused(env: Env) -> None:
     ctx = client_context(None, None, cc.ca_cert_pem, env.tmp)
     with TLSClient(ctx, env.addr) as c:
         c.handshake()  # TLS 1.3: the client finishes before the server has judged it
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|certificate required"):
+        with pytest.raises(ssl.SSLError, match=r"CERTIFICATE_REQUIRED|certificate required"):
             c.recv()
     assert env.counters()["handshakes_failed"] == before + 1
 
@@ -424,6 +431,7 @@ def _leaf(
     not_before: dt.datetime,
     not_after: dt.datetime,
 ) -> x509.Certificate:
+    """A client leaf as the emulator would make it, with whatever validity and signer."""
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -434,6 +442,11 @@ def _leaf(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
         .sign(signer, hashes.SHA256())
     )
 
@@ -442,7 +455,8 @@ def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def test_expired_certificate_is_refused(env: Env) -> None:
+def test_expired_certificate_is_refused(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastproxy.emulator.server")
     ca = env.pki.ca_for(CLUSTER)
     now = dt.datetime.now(dt.UTC)
     leaf = _leaf(
@@ -460,6 +474,7 @@ def test_expired_certificate_is_refused(env: Env) -> None:
     with TLSClient(client_context(chain, env.key, ca.root_pem, env.tmp), env.addr) as c:
         expect_refused(c)
     assert env.counters()["handshakes_failed"] == before + 1
+    assert "certificate has expired" in caplog.text  # logged before the alert is sent
 
 
 def test_foreign_ca_certificate_is_refused(env: Env) -> None:
@@ -472,7 +487,8 @@ def test_foreign_ca_certificate_is_refused(env: Env) -> None:
     assert env.counters()["handshakes_failed"] == before + 1
 
 
-def test_self_signed_certificate_is_refused(env: Env) -> None:
+def test_self_signed_certificate_is_refused(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fastproxy.emulator.server")
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ALICE)])
     leaf = _leaf(
@@ -485,6 +501,7 @@ def test_self_signed_certificate_is_refused(env: Env) -> None:
     with TLSClient(ctx, env.addr) as c:
         expect_refused(c)
     assert env.counters()["handshakes_failed"] == before + 1
+    assert "client certificate rejected: self-signed certificate" in caplog.text
 
 
 def test_certificate_not_issued_by_this_emulator_is_closed(env: Env) -> None:
@@ -501,16 +518,16 @@ def test_server_presents_leaf_and_root_with_ip_san(env: Env) -> None:
         der = c.obj.getpeercert(binary_form=True)
         assert der is not None
         cert = x509.load_der_x509_certificate(der)
-        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value.endswith(
-            ".server.alloydb"
-        )
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert str(cn).endswith(".server.alloydb")
         assert c.obj.version() == "TLSv1.3"
 
 
 # --- metadata exchange ------------------------------------------------------------------------
 
 
-def test_unknown_token_gets_error(env: Env) -> None:
+def test_unknown_token_gets_error(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastproxy.emulator.server")
     before = env.counters()["mdx_refused"]
     with env.client() as c:
         c.handshake()
@@ -520,6 +537,8 @@ def test_unknown_token_gets_error(env: Env) -> None:
         assert "nobody-knows-me" not in error
         assert c.recv() == b""
     assert env.counters()["mdx_refused"] == before + 1
+    assert "metadata exchange refused" in caplog.text
+    assert "nobody-knows-me" not in caplog.text  # tokens never reach the log
 
 
 def test_empty_token_gets_error(env: Env) -> None:
@@ -608,6 +627,14 @@ def test_exchange_and_payload_in_one_write_with_the_finished(env: Env) -> None:
         assert c.recv_exactly(13) == b"first-payload"
 
 
+def test_exchange_timeout(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataplane, "MDX_TIMEOUT_S", 0.2)
+    with env.client() as c:
+        c.handshake()
+        c.send(mdx_request("alice-token")[:5])  # an incomplete request, then silence
+        assert c.recv() == b""  # closed by the server's deadline
+
+
 def test_drop_after_handshake(env: Env) -> None:
     env.state.drop_after_handshake = True
     with env.client() as c:
@@ -641,6 +668,66 @@ def test_one_byte_records(env: Env) -> None:
         assert _record_lengths(bytes(c.raw_in[mark:])) == [18] * len(payload)
 
 
+def test_flow_control_pauses_and_resumes_without_loss(env: Env) -> None:
+    """A client that sends but does not read must stall (the server stops reading once its
+    write buffer is full) instead of making the server buffer everything; once the client reads
+    again every byte comes back in order."""
+    env.wait_until(lambda: env.active() == 0, "earlier tests' connections to be released")
+    block = os.urandom(65536)
+    with env.client() as c:
+        c.handshake()
+        assert c.exchange() == (1, "")
+        c.sock.setblocking(False)
+        pending = b""
+        sent = 0
+        sent_hash = hashlib.sha256()
+        while True:
+            if not pending:
+                assert sent < 512 * 1024 * 1024, "the server never stopped reading"
+                chunk = sent.to_bytes(8, "big") + block
+                c.obj.write(chunk)
+                sent += len(chunk)
+                sent_hash.update(chunk)
+                pending = c.out.read()
+            try:
+                pending = pending[c.sock.send(pending) :]
+            except BlockingIOError:
+                # Stalled: proving that it stays stalled needs a (short) bounded wait.
+                _, writable, _ = select.select([], [c.sock], [], 0.5)
+                if not writable:
+                    break
+
+        async def probe() -> list[tuple[list[str], int]]:
+            return [
+                (sorted(conn.read_pauses), conn.transport.get_write_buffer_size())
+                for conn in env.server.connections
+                if conn.transport is not None
+            ]
+
+        [(pauses, buffered)] = asyncio.run_coroutine_threadsafe(probe(), env.loop).result(10)
+        assert pauses == ["client write buffer full"]
+        assert buffered < 2 * 1024 * 1024
+
+        received = 0
+        got_hash = hashlib.sha256()
+        while received < sent:
+            readable, writable, _ = select.select([c.sock], [c.sock] if pending else [], [], 10)
+            assert readable or writable, "no progress"
+            if writable:
+                pending = pending[c.sock.send(pending) :]
+            if readable:
+                c._fill()
+                while True:
+                    try:
+                        data = c.obj.read(65536)
+                    except ssl.SSLWantReadError:
+                        break
+                    received += len(data)
+                    got_hash.update(data)
+        assert received == sent
+        assert got_hash.digest() == sent_hash.digest()
+
+
 def test_half_close_with_close_notify(env: Env) -> None:
     payload = b"x" * 300_000
     with env.client() as c:
@@ -661,7 +748,8 @@ def test_half_close_with_tcp_fin(env: Env) -> None:
 
 
 def test_connections_are_counted_and_released(env: Env) -> None:
-    base = env.active()
+    env.wait_until(lambda: env.active() == 0, "earlier tests' connections to be released")
+    base = 0
     accepted = env.counters()["connections_accepted"]
     with env.client() as c:
         c.handshake()
@@ -781,11 +869,16 @@ class FakeBackend:
         self.lsock.close()
 
 
+Script = Callable[[socket.socket], object]
+StartBackend = Callable[[Script], FakeBackend]
+
+
 @pytest.fixture
-def backend(env: Env) -> Iterator[Callable[[Callable[[socket.socket], object]], FakeBackend]]:
+def backend(env: Env) -> Iterator[StartBackend]:
+    """Start a scripted backend and point the emulator's ``external`` backend at it."""
     made: list[FakeBackend] = []
 
-    def start(script: Callable[[socket.socket], object]) -> FakeBackend:
+    def start(script: Script) -> FakeBackend:
         fb = FakeBackend(script)
         made.append(fb)
         with env.state.lock:
@@ -810,7 +903,9 @@ def cleartext_login(sock: socket.socket) -> tuple[bytes, bytes, bytes]:
     return startup, password, rest
 
 
-def test_auto_iam_cleartext_password_is_answered_by_the_emulator(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_auto_iam_cleartext_password_is_answered_by_the_emulator(
+    env: Env, backend: StartBackend
+) -> None:
     fb = backend(cleartext_login)
     with env.client() as c:
         c.handshake()
@@ -821,13 +916,16 @@ def test_auto_iam_cleartext_password_is_answered_by_the_emulator(env: Env, backe
         c.send(b"Q-query")
         c.close_notify()
         assert c.recv_to_eof() == b"bye"
-    startup, password, rest = fb.result()  # type: ignore[misc]
+    result = fb.result()
+    assert isinstance(result, tuple)
+    startup, password, rest = result
     assert startup == startup_message(SA_DB_USER)
-    assert password == b"p" + struct.pack(">I", 4 + len(IAM_PASSWORD) + 1) + IAM_PASSWORD.encode() + b"\0"
+    secret = IAM_PASSWORD.encode() + b"\0"
+    assert password == b"p" + struct.pack(">I", 4 + len(secret)) + secret
     assert rest == b"Q-query"
 
 
-def test_auto_iam_ssl_request_is_refused_then_startup(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_auto_iam_ssl_request_is_refused_then_startup(env: Env, backend: StartBackend) -> None:
     fb = backend(cleartext_login)
     with env.client() as c:
         c.handshake()
@@ -838,10 +936,12 @@ def test_auto_iam_ssl_request_is_refused_then_startup(env: Env, backend) -> None
         assert c.recv_exactly(len(AUTH_OK + READY)) == AUTH_OK + READY
         c.close_notify()
         assert c.recv_to_eof() == b"bye"
-    assert fb.result()[0] == startup_message(SA_DB_USER)  # type: ignore[index]
+    result = fb.result()
+    assert isinstance(result, tuple)
+    assert result[0] == startup_message(SA_DB_USER)
 
 
-def test_auto_iam_user_mismatch_gets_28000(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_auto_iam_user_mismatch_gets_28000(env: Env, backend: StartBackend) -> None:
     fb = backend(cleartext_login)
     with env.client() as c:
         c.handshake()
@@ -854,7 +954,7 @@ def test_auto_iam_user_mismatch_gets_28000(env: Env, backend) -> None:  # type: 
     assert fb.accepted == 0  # refused before the backend was even dialled
 
 
-def test_auto_iam_scram_request_fails_clearly(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_auto_iam_scram_request_fails_clearly(env: Env, backend: StartBackend) -> None:
     def scram(sock: socket.socket) -> bytes:
         read_startup(sock)
         sock.sendall(b"R" + struct.pack(">II", 23, 10) + b"SCRAM-SHA-256\0\0")
@@ -870,7 +970,7 @@ def test_auto_iam_scram_request_fails_clearly(env: Env, backend) -> None:  # typ
     assert fb.result() == b""
 
 
-def test_auto_iam_cancel_request_is_forwarded_untouched(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_auto_iam_cancel_request_is_forwarded_untouched(env: Env, backend: StartBackend) -> None:
     fb = backend(lambda sock: read_to_eof(sock))
     cancel = struct.pack(">IIII", 16, 80877102, 1234, 5678)
     with env.client() as c:
@@ -882,7 +982,7 @@ def test_auto_iam_cancel_request_is_forwarded_untouched(env: Env, backend) -> No
     assert fb.result() == cancel
 
 
-def test_db_native_is_forwarded_untouched(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_db_native_is_forwarded_untouched(env: Env, backend: StartBackend) -> None:
     def native(sock: socket.socket) -> tuple[bytes, bytes]:
         startup = read_startup(sock)
         sock.sendall(AUTH_CLEARTEXT)
@@ -904,7 +1004,9 @@ def test_db_native_is_forwarded_untouched(env: Env, backend) -> None:  # type: i
     assert fb.result() == (startup_message("postgres"), b"p\x00\x00\x00\x0bsecret\x00")
 
 
-def test_backend_half_close_reaches_client_and_client_can_still_send(env: Env, backend) -> None:  # type: ignore[no-untyped-def]
+def test_backend_half_close_reaches_client_and_client_can_still_send(
+    env: Env, backend: StartBackend
+) -> None:
     def half(sock: socket.socket) -> bytes:
         assert recv_exactly(sock, 5) == b"hello"
         sock.sendall(b"world")
@@ -921,13 +1023,28 @@ def test_backend_half_close_reaches_client_and_client_can_still_send(env: Env, b
     assert fb.result() == b"more after the server's close_notify"
 
 
+def test_unreachable_backend_gets_a_postgres_error(env: Env) -> None:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with env.state.lock:
+        env.state.backend = Backend(kind="external", host=HOST, port=port)
+    with env.client() as c:
+        c.handshake()
+        assert c.exchange() == (1, "")
+        c.send(startup_message("postgres"))
+        fields = pg_fields(c.recv_to_eof())
+    assert fields["C"] == "08006" and "cannot reach backend" in fields["M"]
+
+
 # --- scale ------------------------------------------------------------------------------------
 
 
 def test_500_concurrent_connections(env: Env) -> None:
     ctx = env.ctx()
     n = 500
-    base = env.active()
+    env.wait_until(lambda: env.active() == 0, "earlier tests' connections to be released")
+    base = 0
 
     async def one(i: int, opened: list[int], release: asyncio.Event) -> bytes:
         reader, writer = await asyncio.open_connection(
