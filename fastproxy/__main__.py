@@ -107,6 +107,9 @@ def _main(argv: Sequence[str] | None) -> int:
         raise ConfigError("missing instance URI: at least one is required")
     if args.unix_socket and args.port is not None:
         raise ConfigError("--unix-socket and --port cannot be used together")
+    # Instance arguments are checked before any file is read: a typo in a URI is the user's first
+    # problem, whatever else is missing.
+    parsed = [parse_instance_arg(arg) for arg in args.instances]
     if args.static_connection_info is None:
         raise ConfigError(
             "--static-connection-info is required in this version (the Admin API connector "
@@ -122,8 +125,7 @@ def _main(argv: Sequence[str] | None) -> int:
     listeners: list[Listener] = []
     next_port = args.port if args.port is not None else DEFAULT_PORT
     try:
-        for arg in args.instances:
-            inst, query = parse_instance_arg(arg)
+        for inst, query in parsed:
             info = static_dial_info(
                 data,
                 inst.uri,

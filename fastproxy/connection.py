@@ -98,6 +98,7 @@ class Shared:
         scratch_size: int = 256 * 1024,
         resolver: Callable[[str, int, Callable[[list[str] | Exception], None]], None] | None = None,
         on_close: Callable[[Connection], None] | None = None,
+        on_out_of_fds: Callable[[], bool] | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -110,6 +111,10 @@ class Shared:
         self.scratch_view = memoryview(self.scratch)
         self.resolver = resolver
         self.on_close = on_close
+        # Called when the upstream socket cannot be opened for lack of descriptors (the client was
+        # accepted with the last one): stop accepting, and return True if a reserve descriptor was
+        # released so that one retry can succeed.
+        self.on_out_of_fds = on_out_of_fds
         self.debug = log.isEnabledFor(logging.DEBUG)
 
 
@@ -240,7 +245,7 @@ class Connection:
             return
         if isinstance(result, Exception) or not result:
             assert self.info is not None
-            self.source.dial_failed("dns")
+            self._dial_failed("dns")
             self.close(f"cannot resolve {self.info.address}: {result}", error=True)
             return
         self._connect(result[0])
@@ -252,8 +257,15 @@ class Connection:
         try:
             up = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            self.close(f"cannot open a socket to {info.address}: {exc.strerror}", error=True)
-            return
+            retry = self.shared.on_out_of_fds
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or retry is None or not retry():
+                self.close(f"cannot open a socket to {info.address}: {exc.strerror}", error=True)
+                return
+            try:
+                up = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc2:
+                self.close(f"cannot open a socket to {info.address}: {exc2.strerror}", error=True)
+                return
         self.up = up
         self.up_fd = up.fileno()
         up.setblocking(False)
@@ -261,7 +273,7 @@ class Connection:
         up.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         err = up.connect_ex((ip, info.port))
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self.source.dial_failed("connect")
+            self._dial_failed("connect")
             self.close(
                 f"failed to dial {ip}:{info.port}: {errno.errorcode.get(err, err)}", error=True
             )
@@ -272,6 +284,10 @@ class Connection:
         )
         self._up_read, self._up_write = False, True
 
+    def _dial_failed(self, reason: str) -> None:
+        self.shared.stats.dial_failures += 1
+        self.source.dial_failed(reason)
+
     def _on_deadline(self) -> None:
         self._deadline = None
         if self.state in (State.PENDING, State.CONNECTING, State.HANDSHAKE):
@@ -281,7 +297,7 @@ class Connection:
                 State.HANDSHAKE: "in the TLS handshake",
             }[self.state]
             if self.state is not State.PENDING:
-                self.source.dial_failed("timeout")
+                self._dial_failed("timeout")
             target = f"{self.info.address}:{self.info.port}" if self.info else self.source.name
             self.close(f"timed out {where} ({target})", error=True)
         elif self.state is State.EXCHANGE:
@@ -315,7 +331,7 @@ class Connection:
             assert self.up is not None and self.info is not None
             err = self.up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self.source.dial_failed("connect")
+                self._dial_failed("connect")
                 self.close(
                     f"failed to dial {self.info.address}:{self.info.port}: "
                     f"{errno.errorcode.get(err, err)} ({_strerror(err)})",
@@ -348,7 +364,7 @@ class Connection:
 
     def _upstream_broken(self, reason: str) -> None:
         if self.state in (State.CONNECTING, State.HANDSHAKE):
-            self.source.dial_failed("handshake")
+            self._dial_failed("handshake")
         self.close(reason, error=True)
 
     def _pump_upstream(self) -> None:
@@ -360,7 +376,7 @@ class Connection:
                 done = tls.do_handshake()
             except TLSFailure as exc:
                 self._flush_upstream()
-                self.source.dial_failed("handshake")
+                self._dial_failed("handshake")
                 self.close(str(exc), error=True)
                 return
             if not done:
@@ -370,6 +386,12 @@ class Connection:
             assert self.info is not None
             if self.info.metadata_exchange:
                 self._to(State.EXCHANGE)
+                # The handshake is done; the exchange gets its own deadline (30 s, as Go's).
+                if self._deadline is not None:
+                    self._deadline.cancel()
+                self._deadline = self.shared.loop.call_later(
+                    self.shared.exchange_timeout, self._on_deadline
+                )
                 self._decoder = ResponseDecoder()
                 tls.send(
                     memoryview(
@@ -398,8 +420,8 @@ class Connection:
                 n = tls.recv_into(view)
             except TLSFailure as exc:
                 # A refused client certificate shows up here, on the first read (protocol §3.4).
-                self.source.dial_failed("tls")
-                self.close(f"connection refused during the metadata exchange: {exc}", error=True)
+                self._dial_failed("tls")
+                self.close(f"TLS error during the metadata exchange: {exc}", error=True)
                 return False
             if n is None:
                 self._flush_upstream()

@@ -6,6 +6,7 @@ Pure and strict: a bare number without a unit is refused, except ``0``, as Go's
 
 from __future__ import annotations
 
+import math
 import re
 
 from fastproxy.errors import ConfigError
@@ -20,7 +21,8 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# ASCII digits only: a bare ``\d`` also takes "٣s" (and float() reads it), which Go refuses.
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", re.ASCII)
 
 
 def parse_duration(text: str) -> float:
@@ -37,4 +39,6 @@ def parse_duration(text: str) -> float:
             raise ConfigError(f"invalid duration {text!r}: expected e.g. 30s, 1m30s or 250ms")
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
+    if not math.isfinite(total):  # float() reads a thousand digits as inf; Go reports overflow
+        raise ConfigError(f"invalid duration {text!r}: too large")
     return total

@@ -26,6 +26,7 @@ from fastproxy.errors import ConfigError
 if TYPE_CHECKING:
     from fastproxy.loop import Loop
     from fastproxy.source import ConnectionInfoSource
+    from fastproxy.stats import Stats
 
 log = logging.getLogger("fastproxy.listener")
 
@@ -57,6 +58,10 @@ class Listener:
         self.paused_for_fds = False
         self.paused_for_gate = False
         self._registered_read = False
+        self.stats: Stats | None = None
+        # One warning per stall: set when we first run out of descriptors, cleared only once the
+        # backlog has been drained (accept says EAGAIN), so the fallback retries stay quiet.
+        self._fd_stall = False
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -105,10 +110,17 @@ class Listener:
         return int(self.sock.getsockname()[1]) if self.unix_path is None else 0
 
     # -- loop integration -----------------------------------------------------------------
-    def attach(self, loop: Loop, on_accept: AcceptCallback, can_accept: Callable[[], bool]) -> None:
+    def attach(
+        self,
+        loop: Loop,
+        on_accept: AcceptCallback,
+        can_accept: Callable[[], bool],
+        stats: Stats | None = None,
+    ) -> None:
         self.loop = loop
         self.on_accept = on_accept
         self.can_accept = can_accept
+        self.stats = stats
         loop.register(self.sock, self, True, False)
         self._registered_read = True
 
@@ -119,6 +131,8 @@ class Listener:
         self.loop.modify(self.fd, on, False)
 
     def pause_for_gate(self) -> None:
+        if not self.paused_for_gate and self.stats is not None:
+            self.stats.accept_paused += 1
         self.paused_for_gate = True
         self._set_reading(False)
 
@@ -134,16 +148,21 @@ class Listener:
     def on_readable(self) -> None:
         assert self.on_accept is not None and self.loop is not None
         for _ in range(ACCEPT_BATCH):
+            if self.paused_for_fds:  # the last accepted connection could not get a descriptor
+                return
             if not self.can_accept():
                 self.pause_for_gate()
                 return
             try:
                 client, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
+                self._fd_stall = False  # caught up with the backlog: any stall is over
+                return
+            except InterruptedError:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_for_fds(exc)
+                    self.pause_for_fds(exc.strerror or str(exc))
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # the client gave up while in the backlog
@@ -152,12 +171,19 @@ class Listener:
             peer = _peer_name(addr)
             self.on_accept(self, client, peer)
 
-    def _pause_for_fds(self, exc: OSError) -> None:
-        if not self.paused_for_fds:
+    def pause_for_fds(self, detail: str) -> None:
+        """Stop accepting until a descriptor is freed (or the fallback timer fires)."""
+        if self.paused_for_fds:
+            return
+        if self.stats is not None:
+            self.stats.emfile_events += 1
+            self.stats.accept_paused += 1
+        if not self._fd_stall:
+            self._fd_stall = True
             log.warning(
                 "out of file descriptors accepting on %s (%s): pausing accepts until one is freed",
                 self.description,
-                exc.strerror,
+                detail,
             )
         self.paused_for_fds = True
         self._set_reading(False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -72,13 +73,18 @@ class Proxy:
             low_water=low_water,
             resolver=self._resolve,
             on_close=self._on_connection_closed,
+            on_out_of_fds=self._on_out_of_fds,
         )
         self.connections: set[Connection] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.ready = threading.Event()
+        # One spare descriptor, released when a client was accepted with the last free one and its
+        # upstream socket cannot be opened: that client is served instead of dropped, and accepting
+        # pauses. Re-taken when a connection closes, before accepting resumes.
+        self._reserve_fd = _open_reserve()
         for listener in self.listeners:
-            listener.attach(self.loop, self._on_accept, self._can_accept)
+            listener.attach(self.loop, self._on_accept, self._can_accept, self.stats_counters)
 
     # -- accepting ------------------------------------------------------------------------
     def _can_accept(self) -> bool:
@@ -99,10 +105,21 @@ class Proxy:
         self.connections.discard(conn)
         if self._stopping:
             return
+        if self._reserve_fd < 0:
+            self._reserve_fd = _open_reserve()
         # A slot and a descriptor were freed: resume listeners paused for either reason.
         for listener in self.listeners:
             if listener.paused_for_fds or (listener.paused_for_gate and self._can_accept()):
                 listener.resume()
+
+    def _on_out_of_fds(self) -> bool:
+        for listener in self.listeners:
+            listener.pause_for_fds("no descriptor left for an upstream socket")
+        if self._reserve_fd < 0:
+            return False
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        return True
 
     # -- name resolution off the loop thread (PSC DNS names) -------------------------------
     def _resolve(self, host: str, port: int, done: Callable[[list[str] | Exception], None]) -> None:
@@ -157,6 +174,9 @@ class Proxy:
             conn.close("proxy shutting down", error=False)
         if self._resolver_pool is not None:
             self._resolver_pool.shutdown(wait=False, cancel_futures=True)
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
         self.loop.close()
 
     # -- observing ------------------------------------------------------------------------
@@ -166,3 +186,10 @@ class Proxy:
         snap["pool_in_use"] = self.pool.in_use
         snap["pool_capacity"] = self.pool.capacity
         return snap
+
+
+def _open_reserve() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1

@@ -35,11 +35,11 @@ class Stats:
         self.connected_total = 0  # sessions that reached SPLICING
         self.closed_ok = 0
         self.closed_error = 0
-        self.dial_failures = 0
+        self.dial_failures = 0  # connect, DNS, TLS or timeout failures before SPLICING
         self.bytes_up = 0
         self.bytes_down = 0
-        self.emfile_events = 0
-        self.accept_paused = 0
+        self.emfile_events = 0  # times a listener paused for lack of descriptors
+        self.accept_paused = 0  # times a listener paused, for descriptors or the gate
 
     def opened(self) -> None:
         self.accepted += 1
