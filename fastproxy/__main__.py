@@ -7,25 +7,40 @@ and exchange options. The Admin API path and the rest of the flags come with the
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastproxy import __version__
+from fastproxy.admin import DEFAULT_ENDPOINT, AdminClient
+from fastproxy.conntest import ConnectionTestFailed, dial_once
+from fastproxy.credentials import CredentialOptions, build_credentials, notices, token_for
 from fastproxy.duration import parse_duration
 from fastproxy.errors import ConfigError
 from fastproxy.instance_uri import InstanceURI, split_query
 from fastproxy.listener import Listener
-from fastproxy.loop import raise_nofile_limit
+from fastproxy.loop import Loop, raise_nofile_limit
 from fastproxy.proxy import Proxy
-from fastproxy.source import StaticSource, load_static_file, static_dial_info
+from fastproxy.refresh import LazySource, Refresher, RefreshingSource, TokenSource
+from fastproxy.source import (
+    USER_AGENT,
+    ConnectionInfoSource,
+    IPType,
+    StaticSource,
+    load_static_file,
+    static_dial_info,
+)
 
 log = logging.getLogger("fastproxy")
 
 DEFAULT_PORT = 5432
+CONNECTION_TEST_TIMEOUT_S = 60.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", "-p", type=int, help="first port to listen on (default 5432)")
     p.add_argument("--unix-socket", "-u", type=Path, help="directory for unix sockets")
     p.add_argument("--static-connection-info", type=Path, help="JSON file (development only)")
+    p.add_argument(
+        "--alloydbadmin-api-endpoint",
+        default=DEFAULT_ENDPOINT,
+        help="Admin API endpoint (default %(default)s)",
+    )
+    p.add_argument("--credentials-file", "-c", help="service account or user credentials file")
+    p.add_argument("--json-credentials", "-j", help="credentials JSON given inline")
+    p.add_argument("--gcloud-auth", "-g", action="store_true", help="use gcloud's credentials")
+    p.add_argument(
+        "--impersonate-service-account", help="target[,delegate...] service account chain"
+    )
+    p.add_argument("--quota-project", help="project billed for Admin API calls")
+    p.add_argument("--user-agent", help="extra User-Agent parts for Admin API calls")
+    p.add_argument("--lazy-refresh", action="store_true", help="refresh certificates on demand")
+    p.add_argument(
+        "--run-connection-test",
+        action="store_true",
+        help="dial every instance at start-up and exit 1 if one fails",
+    )
     p.add_argument("--token", "-t", help="OAuth2 token for the metadata exchange")
     p.add_argument("--login-token", help="separate OAuth2 token for the exchange (IAM authn)")
     p.add_argument("--auto-iam-authn", "-i", action="store_true", help="IAM database login")
@@ -99,6 +133,118 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _flag(query: dict[str, str], key: str, default: bool) -> bool:
+    return _parse_bool(key, query[key]) if key in query else default
+
+
+def _ip_type(query: dict[str, str], args: argparse.Namespace) -> str:
+    public = _flag(query, "public-ip", args.public_ip)
+    psc = _flag(query, "psc", args.psc)
+    # The Auth Proxy applies public-ip then psc, so PSC wins when both are set (protocol §6).
+    return IPType.PSC if psc else IPType.PUBLIC if public else IPType.PRIVATE
+
+
+def _token_source(credentials: Any) -> TokenSource:
+    """The exchange token, fetched (and refreshed) on the refresher thread, never the loop."""
+
+    def source() -> tuple[str, float | None]:
+        token = token_for(credentials)
+        expiry = getattr(credentials, "expiry", None)
+        # google-auth keeps expiry as a naive UTC datetime.
+        when = expiry.replace(tzinfo=datetime.UTC).timestamp() if expiry else None
+        return token, when
+
+    return source
+
+
+def _build_sources(
+    args: argparse.Namespace,
+    parsed: list[tuple[InstanceArg, dict[str, str]]],
+    loop: Loop,
+) -> tuple[list[ConnectionInfoSource], Refresher | None]:
+    if args.static_connection_info is not None and not args.lazy_refresh:
+        data = load_static_file(args.static_connection_info)
+        token = args.login_token or args.token or ""
+        static: list[ConnectionInfoSource] = []
+        for inst, query in parsed:
+            ip_type = _ip_type(query, args)
+            info = static_dial_info(
+                data,
+                inst.uri,
+                public_ip=ip_type == IPType.PUBLIC,
+                psc=ip_type == IPType.PSC,
+                auto_iam_authn=_flag(query, "auto-iam-authn", args.auto_iam_authn),
+                exchange_token=token,
+                user_agent=USER_AGENT,
+            )
+            if info.expires_at <= time.time():
+                raise ConfigError(
+                    f"the client certificate in {args.static_connection_info} for "
+                    f"{inst.uri.short} has expired"
+                )
+            static.append(StaticSource(info))
+        return static, None
+
+    any_iam = args.auto_iam_authn or any(
+        _flag(q, "auto-iam-authn", args.auto_iam_authn) for _, q in parsed
+    )
+    opts = CredentialOptions(
+        token=args.token,
+        login_token=args.login_token,
+        credentials_file=args.credentials_file,
+        json_credentials=args.json_credentials,
+        impersonate_service_account=args.impersonate_service_account,
+        gcloud_auth=args.gcloud_auth,
+        auto_iam_authn=any_iam,
+        quota_project=args.quota_project,
+    )
+    creds = build_credentials(opts)
+    for line in notices(opts):
+        log.info("%s", line)
+    client = AdminClient(
+        creds.api,
+        endpoint=args.alloydbadmin_api_endpoint,
+        user_agent=args.user_agent or "",
+        quota_project=args.quota_project,
+    )
+    refresher = Refresher(loop, client)
+    sources: list[ConnectionInfoSource] = []
+    cls = LazySource if args.lazy_refresh else RefreshingSource
+    for inst, query in parsed:
+        sources.append(
+            cls(
+                refresher,
+                inst.uri,
+                _ip_type(query, args),
+                auto_iam=_flag(query, "auto-iam-authn", args.auto_iam_authn),
+                user_agent=USER_AGENT,
+                token_source=_token_source(creds.login),
+            )
+        )
+    return sources, refresher
+
+
+def _connection_test(sources: list[ConnectionInfoSource], refresher: Refresher | None) -> None:
+    """Dial every instance once; ConfigError (exit 1) naming the first failures."""
+    if refresher is not None:
+        for uri, err in refresher.wait_first(CONNECTION_TEST_TIMEOUT_S).items():
+            if err is not None:
+                raise ConfigError(f"connection test failed for {uri.short}: {err}")
+    failures: list[str] = []
+    for source in sources:
+        info = source.current()
+        if info is None:
+            failures.append(f"[{source.name}] no connection info: {source.error()}")
+            continue
+        try:
+            dial_once(info)
+        except ConnectionTestFailed as exc:
+            failures.append(str(exc))
+    if failures:
+        raise ConfigError("; ".join(failures))
+    log.info("Connection test passed")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug_logs else logging.WARNING if args.quiet else logging.INFO
@@ -110,60 +256,52 @@ def _main(argv: Sequence[str] | None) -> int:
     # Instance arguments are checked before any file is read: a typo in a URI is the user's first
     # problem, whatever else is missing.
     parsed = [parse_instance_arg(arg) for arg in args.instances]
-    if args.static_connection_info is None:
-        raise ConfigError(
-            "--static-connection-info is required in this version (the Admin API connector "
-            "is not built yet)"
-        )
     dial_timeout = parse_duration(args.dial_timeout)
     if dial_timeout <= 0:
         raise ConfigError("--dial-timeout must be positive")
-    data = load_static_file(args.static_connection_info)
-    token = args.login_token or args.token or ""
     raise_nofile_limit()
 
-    listeners: list[Listener] = []
-    next_port = args.port if args.port is not None else DEFAULT_PORT
+    loop = Loop()
+    sources, refresher = _build_sources(args, parsed, loop)
+    if refresher is not None:
+        refresher.start()
     try:
-        for inst, query in parsed:
-            info = static_dial_info(
-                data,
-                inst.uri,
-                public_ip=_parse_bool("public-ip", query["public-ip"])
-                if "public-ip" in query
-                else args.public_ip,
-                psc=_parse_bool("psc", query["psc"]) if "psc" in query else args.psc,
-                auto_iam_authn=_parse_bool("auto-iam-authn", query["auto-iam-authn"])
-                if "auto-iam-authn" in query
-                else args.auto_iam_authn,
-                exchange_token=token,
-            )
-            source = StaticSource(info)
-            if args.unix_socket is not None:
-                path = args.unix_socket / inst.uri.socket_dir_name / ".s.PGSQL.5432"
-                listener = Listener.unix(path, source)
-            else:
-                port = inst.port if inst.port is not None else next_port
-                if inst.port is None and next_port != 0:  # --port 0: any free port for each
-                    next_port += 1
-                listener = Listener.tcp(inst.address or args.address, port, source)
-            listeners.append(listener)
-            log.info("Listening on %s for %s", listener.description, inst.uri.uri)
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
+        if args.run_connection_test:
+            _connection_test(sources, refresher)
+        listeners: list[Listener] = []
+        next_port = args.port if args.port is not None else DEFAULT_PORT
+        try:
+            for (inst, _query), source in zip(parsed, sources, strict=True):
+                if args.unix_socket is not None:
+                    path = args.unix_socket / inst.uri.socket_dir_name / ".s.PGSQL.5432"
+                    listener = Listener.unix(path, source)
+                else:
+                    port = inst.port if inst.port is not None else next_port
+                    if inst.port is None and next_port != 0:  # --port 0: any free port for each
+                        next_port += 1
+                    listener = Listener.tcp(inst.address or args.address, port, source)
+                listeners.append(listener)
+                log.info("Listening on %s for %s", listener.description, inst.uri.uri)
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            raise
 
-    proxy = Proxy(listeners, max_connections=args.max_connections, dial_timeout=dial_timeout)
+        proxy = Proxy(
+            listeners, max_connections=args.max_connections, dial_timeout=dial_timeout, loop=loop
+        )
 
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("Received %s, shutting down", signal.Signals(signum).name)
-        proxy.stop()
+        def on_signal(signum: int, frame: object) -> None:
+            log.info("Received %s, shutting down", signal.Signals(signum).name)
+            proxy.stop()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    log.info("The proxy has started successfully and is ready for new connections!")
-    proxy.run()
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        log.info("The proxy has started successfully and is ready for new connections!")
+        proxy.run()
+    finally:
+        if refresher is not None:
+            refresher.stop()
     return 0
 
 

@@ -289,9 +289,12 @@ class AdminHandler(BaseHTTPRequestHandler):
         if is_admin:
             with state.lock:
                 state.counters.admin_requests += 1
+        entry: dict[str, Any] | None = None
         try:
             # Read the body first, whatever happens next, so keep-alive stays in sync.
             raw = self._read_body()
+            if is_admin:
+                entry = self._record_request(raw)
             status = self._admin(path, raw) if is_admin else self._emulator(path, raw)
         except ApiError as exc:
             status = exc.code
@@ -304,6 +307,41 @@ class AdminHandler(BaseHTTPRequestHandler):
             if is_admin and status >= 400:
                 with state.lock:
                     state.counters.admin_errors += 1
+            if entry is not None:
+                with state.lock:
+                    entry["status"] = status
+                    entry["t_end"] = time.monotonic()
+
+    def _record_request(self, raw: bytes) -> dict[str, Any]:
+        """Append this Admin API request to the state's log (``GET /_emulator/requests``).
+
+        Recorded before latency or faults apply, so ``t_start`` is when the request arrived and
+        two requests overlap in time iff each one's ``t_start`` precedes the other's ``t_end``.
+        The bearer token is never stored: the Authorization value becomes a fixed placeholder.
+        """
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            headers[key] = "Bearer <redacted>" if key == "authorization" else value
+        body: Any = None
+        if raw.strip():
+            try:
+                body = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                body = None
+        entry: dict[str, Any] = {
+            "method": self.command,
+            "path": self.path,
+            "headers": headers,
+            "body": body,
+            "t_start": time.monotonic(),
+            "t_end": None,
+            "status": None,
+        }
+        state = self.server.state
+        with state.lock:
+            state.requests_log.append(entry)
+        return entry
 
     # --- the Admin API -------------------------------------------------------------------
     def _admin(self, path: str, raw: bytes) -> int:
@@ -563,6 +601,19 @@ class AdminHandler(BaseHTTPRequestHandler):
         self.server.state.reset_faults()
         return {"ok": True}
 
+    def _requests_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The recorded Admin API requests, oldest first (copies: entries may still be open)."""
+        state = self.server.state
+        with state.lock:
+            entries = [dict(e) for e in state.requests_log]
+        return {"requests": entries}
+
+    def _requests_clear(self, body: dict[str, Any]) -> dict[str, Any]:
+        state = self.server.state
+        with state.lock:
+            state.requests_log.clear()
+        return {"ok": True}
+
     def _state_snapshot(self, body: dict[str, Any]) -> dict[str, Any]:
         """Counters, faults and instances; never tokens."""
         state = self.server.state
@@ -625,6 +676,8 @@ _EMULATOR_ROUTES: dict[str, tuple[str, _EmulatorHandler]] = {
     "/_emulator/forbid": ("POST", AdminHandler._fault_forbid),
     "/_emulator/reset": ("POST", AdminHandler._fault_reset),
     "/_emulator/state": ("GET", AdminHandler._state_snapshot),
+    "/_emulator/requests": ("GET", AdminHandler._requests_list),
+    "/_emulator/requests/clear": ("POST", AdminHandler._requests_clear),
 }
 
 

@@ -11,6 +11,7 @@ import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 # The connectors' pattern (protocol.md §1.2), anchored at both ends as the Python connector does:
 # the emulator is the strict side.
@@ -27,6 +28,9 @@ DEFAULT_INSTANCE_URI = (
 MIN_CERT_DURATION_S = 3600.0
 MAX_CERT_DURATION_S = 24 * 3600.0
 DEFAULT_CERT_DURATION_S = 3600.0
+# How many Admin API requests /_emulator/requests remembers (oldest dropped first): enough for a
+# test's worth of refreshes, small enough that a long-running emulator cannot grow without bound.
+REQUESTS_LOG_MAX = 1000
 
 
 class InstanceURIError(ValueError):
@@ -139,6 +143,10 @@ class EmulatorState:
     issued: dict[int, IssuedCert] = field(default_factory=dict)
     # the next N Admin API calls answer 200 with a body that is not JSON
     malformed_json_next: int = 0
+    # every Admin API request as seen on the wire (Authorization redacted), for tests to inspect
+    requests_log: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=REQUESTS_LOG_MAX)
+    )
 
     # --- lookups -------------------------------------------------------------------------
     def principal_for(self, token: str) -> str | None:

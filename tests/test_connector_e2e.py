@@ -1,0 +1,335 @@
+"""End to end through the Admin API: ``fastproxy --alloydbadmin-api-endpoint ... --token ...``.
+
+Certificates come from the emulator's Admin API and are refreshed by the refresher thread; these
+tests cover logins, rotation under load, an Admin API outage and the API's errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import REPO, EmulatorProcess, ProxyProcess
+from tests.e2e_support import DEMO_URI
+
+pytestmark = pytest.mark.e2e
+
+IAM_USER = "iam-sa@demo-project.iam"
+
+
+def _api_args(emu: EmulatorProcess, token: str) -> list[str]:
+    return ["--alloydbadmin-api-endpoint", emu.admin_endpoint, "--token", token, "--port", "0"]
+
+
+def _psql(port: int, sql: str, user: str, password: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="30")
+    return subprocess.run(
+        [
+            "psql",
+            "-w",
+            "-X",
+            "-At",
+            f"host=127.0.0.1 port={port} user={user} dbname=postgres sslmode=disable",
+            "-c",
+            sql,
+        ],
+        capture_output=True,
+        env=env,
+        text=True,
+        timeout=120,
+    )
+
+
+def _echo_once(port: int, payload: bytes, timeout: float = 30) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+
+
+def _state(emu: EmulatorProcess) -> dict[str, Any]:
+    r = requests.get(f"{emu.admin_endpoint}/_emulator/state", timeout=30)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def _issued(emu: EmulatorProcess) -> int:
+    return int(_state(emu)["counters"]["certificates_issued"])
+
+
+# --- logins --------------------------------------------------------------------------------------
+
+
+def test_db_native_user_through_the_admin_api(
+    emulator_pg: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_factory(DEMO_URI, *_api_args(emulator_pg, "native-token"))
+    out = _psql(proxy.port, "SELECT current_user", "postgres", "postgres")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "postgres"
+
+
+def test_iam_principal_without_password_through_the_admin_api(
+    emulator_pg: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_factory(DEMO_URI, *_api_args(emulator_pg, "iam-token"), "--auto-iam-authn")
+    out = _psql(proxy.port, "SELECT current_user", IAM_USER, "")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == IAM_USER
+
+
+def test_lazy_refresh_serves_too(
+    emulator_pg: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_factory(DEMO_URI, *_api_args(emulator_pg, "native-token"), "--lazy-refresh")
+    out = _psql(proxy.port, "SELECT 5", "postgres", "postgres")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "5"
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token, uri, expected",
+    [
+        ("wrong-token", DEMO_URI, "HTTP 401"),
+        ("forbidden-token", DEMO_URI, "caller lacks permission"),
+        (
+            "native-token",
+            "projects/demo-project/locations/us-central1/clusters/demo-cluster/instances/nope",
+            "instance not found",
+        ),
+    ],
+)
+def test_admin_api_errors_are_one_clear_line_and_the_proxy_stays_up(
+    emulator_pg: EmulatorProcess,
+    proxy_factory: Callable[..., ProxyProcess],
+    token: str,
+    uri: str,
+    expected: str,
+) -> None:
+    proxy = proxy_factory(uri, *_api_args(emulator_pg, token))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as s:
+        s.settimeout(60)
+        assert s.recv(1) == b""  # closed, with the reason in the log
+    deadline = time.monotonic() + 30
+    while expected not in proxy.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert expected in proxy.output(), proxy.output()
+    assert "Traceback" not in proxy.output()
+    assert proxy.proc.poll() is None
+
+
+def test_run_connection_test_exits_1_on_failure(emulator_pg: EmulatorProcess) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastproxy",
+            DEMO_URI,
+            *_api_args(emulator_pg, "wrong-token"),
+            "--run-connection-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "HTTP 401" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_run_connection_test_passes_then_serves(
+    emulator_pg: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_factory(
+        DEMO_URI, *_api_args(emulator_pg, "native-token"), "--run-connection-test"
+    )
+    assert "Connection test passed" in proxy.output()
+    out = _psql(proxy.port, "SELECT 3", "postgres", "postgres")
+    assert out.stdout.strip() == "3", out.stderr
+
+
+def test_unreachable_instance_is_one_clear_line(
+    emulator_factory: Callable[..., EmulatorProcess], proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    emu = emulator_factory("--backend", "echo", "--token", "t=u@example.com")
+    proxy = proxy_factory(DEMO_URI, *_api_args(emu, "t"), "--dial-timeout", "5s")
+    assert _echo_once(proxy.port, b"ping") == b"ping"
+    # The emulator goes away: new connections fail with a clear reason, the proxy stays up.
+    emu.stop()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as s:
+        s.settimeout(60)
+        assert s.recv(1) == b""
+    deadline = time.monotonic() + 30
+    while "failed to dial" not in proxy.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "failed to dial" in proxy.output()
+    assert "Traceback" not in proxy.output()
+    assert proxy.proc.poll() is None
+
+
+# --- rotation under load -----------------------------------------------------------------
+
+
+class _Stream(threading.Thread):
+    """A long-lived connection streaming checksummed data through the echo backend."""
+
+    def __init__(self, port: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stop_event = port, stop
+        self.sent = 0
+        self.ok = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
+            received = 0
+            rnd = random.Random(self.port ^ id(self))
+            while not self.stop_event.is_set():
+                block = rnd.randbytes(64 * 1024)
+                sock.sendall(block)
+                sent_hash.update(block)
+                self.sent += len(block)
+                while received < self.sent:
+                    chunk = sock.recv(min(262144, self.sent - received))
+                    if not chunk:
+                        raise ConnectionError("stream closed by the proxy")
+                    recv_hash.update(chunk)
+                    received += len(chunk)
+                time.sleep(0.01)  # a steady stream, not a saturating one
+            sock.close()
+            self.ok = sent_hash.digest() == recv_hash.digest() and received == self.sent
+        except BaseException as exc:
+            self.error = exc
+
+
+@pytest.mark.slow
+def test_rotation_under_load(
+    emulator_factory: Callable[..., EmulatorProcess], proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    duration = float(os.environ.get("FASTPROXY_ROTATION_SECONDS", "190"))
+    emu = emulator_factory(
+        "--backend", "echo", "--token", "t=u@example.com", "--cert-lifetime", "60"
+    )
+    proxy = proxy_factory(DEMO_URI, *_api_args(emu, "t"))
+    stop = threading.Event()
+    streams = [_Stream(proxy.port, stop) for _ in range(4)]
+    for s in streams:
+        s.start()
+    issued_before = _issued(emu)
+    churn_ok = 0
+    churn_failed: list[str] = []
+    churn_bytes = 0
+    lock = threading.Lock()
+    end = time.monotonic() + duration
+
+    def churn(seed: int) -> None:
+        nonlocal churn_ok, churn_bytes
+        rnd = random.Random(seed)
+        while time.monotonic() < end:
+            payload = rnd.randbytes(rnd.randint(1, 32 * 1024))
+            try:
+                got = _echo_once(proxy.port, payload)
+            except OSError as exc:
+                with lock:
+                    churn_failed.append(repr(exc))
+                continue
+            with lock:
+                if got == payload:
+                    churn_ok += 1
+                    churn_bytes += len(payload)
+                else:
+                    churn_failed.append(f"corrupted: {len(got)} of {len(payload)} bytes")
+            time.sleep(rnd.uniform(0.05, 0.3))
+
+    churners = [threading.Thread(target=churn, args=(i,), daemon=True) for i in range(20)]
+    for t in churners:
+        t.start()
+    for t in churners:
+        t.join(timeout=duration + 120)
+    stop.set()
+    for s in streams:
+        s.join(timeout=120)
+    rotations = _issued(emu) - issued_before
+    streamed = sum(s.sent for s in streams)
+    print(
+        f"\nrotation: {rotations} new certificates in {duration:.0f} s; {churn_ok} short "
+        f"connections ({churn_bytes} bytes) verified, {len(churn_failed)} failed; 4 long-lived "
+        f"streams carried {streamed} bytes each way, verified by sha256"
+    )
+    assert not churn_failed, churn_failed[:5]
+    for s in streams:
+        assert s.error is None, s.error
+        assert s.ok
+    assert rotations >= 6
+    assert "Traceback" not in proxy.output()
+
+
+# --- outage ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_admin_api_outage_longer_than_a_certificate(
+    emulator_factory: Callable[..., EmulatorProcess], proxy_factory: Callable[..., ProxyProcess]
+) -> None:
+    emu = emulator_factory(
+        "--backend", "echo", "--token", "t=u@example.com", "--cert-lifetime", "60"
+    )
+    proxy = proxy_factory(DEMO_URI, *_api_args(emu, "t"))
+    assert _echo_once(proxy.port, b"before") == b"before"
+    fail = f"{emu.admin_endpoint}/_emulator/fail"
+    requests.post(
+        fail, json={"count": 100000, "status": 503, "message": "outage"}, timeout=30
+    ).raise_for_status()
+    outage_start = time.monotonic()
+    # The last good certificate keeps serving while it is valid...
+    assert _echo_once(proxy.port, b"during") == b"during"
+    # ...then, once it has expired (60 s certificates), new connections fail with a clear cause.
+    failed_clearly = False
+    while time.monotonic() - outage_start < 90:
+        try:
+            got = _echo_once(proxy.port, b"x", timeout=40)
+        except OSError:
+            got = b""
+        if got == b"":
+            failed_clearly = True
+            break
+        time.sleep(1)
+    assert failed_clearly, "connections kept working past the certificate's expiry"
+    assert "503" in proxy.output(), proxy.output()[-3000:]
+    while time.monotonic() - outage_start < 90:
+        time.sleep(0.5)  # keep the outage going for 90 s in all
+    requests.post(f"{emu.admin_endpoint}/_emulator/reset", timeout=30).raise_for_status()
+    recovered = time.monotonic()
+    # Service resumes within one rate-limit window (30 s) plus the back-off, without a restart.
+    while True:
+        try:
+            if _echo_once(proxy.port, b"after", timeout=40) == b"after":
+                break
+        except OSError:
+            pass
+        assert time.monotonic() - recovered < 75, proxy.output()[-3000:]
+        time.sleep(1)
+    assert proxy.proc.poll() is None
+    assert "Traceback" not in proxy.output()
