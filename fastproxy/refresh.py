@@ -411,9 +411,9 @@ class LazySource(_SourceBase):
 class _Instance:
     """The refresher's bookkeeping for one (instance, exchange on/off, lazy) combination.
 
-    Scheduling fields (``cert_due``, ``heap_seq``, ``running``, ``force_full``, ``attempted``) and
-    the bucket are guarded by the refresher's condition; the material and context are written by
-    the refresher thread only.
+    Scheduling fields (``cert_due``, ``heap_seq``, ``running``, the ``force_*`` flags,
+    ``attempted``) and the bucket are guarded by the refresher's condition; the material and
+    context are written by the refresher thread only.
     """
 
     uri: InstanceURI
@@ -425,6 +425,7 @@ class _Instance:
     heap_seq: int = -1  # the seq of this entry's live heap item; older items are stale
     running: bool = False
     force_full: bool = False
+    force_after_run: bool = False
     attempted: bool = False  # a first certificate attempt finished (wait_first)
     material: InstanceMaterial | None = None
     context: SSL.Context | None = None
@@ -549,8 +550,10 @@ class Refresher:
                 else:
                     # The instance is known: publish its current material for this source too.
                     source._token_due = self._clock()
-                self._schedule_locked(entry)
+            # Appended after its fields are set: a run in progress may pick it up right away.
             entry.sources.append(source)
+            if not entry.lazy:
+                self._schedule_locked(entry)
         return entry
 
     def force(self, entry: _Instance) -> None:
@@ -563,6 +566,9 @@ class Refresher:
                 self._request_locked(entry, full=True)
                 return
             if entry.running:
+                # Its result is at most seconds old, as in Go; but if what it publishes is still
+                # unusable (an expiry seen during the run), refresh again after it.
+                entry.force_after_run = True
                 return
             now = self._clock()
             if entry.cert_due is None or entry.cert_due > now:
@@ -577,6 +583,11 @@ class Refresher:
     def _request_locked(self, entry: _Instance, *, full: bool) -> None:
         if full:
             entry.force_full = True
+            if entry.running:
+                # A dial failed while a refresh runs: its result may predate the failure, so run
+                # again after it (Go's next ConnectionInfo would refresh again too).
+                entry.force_after_run = True
+                return
         if entry.running or entry.cert_due is not None:
             return  # already queued or in progress: concurrent dials share one attempt
         entry.cert_due = self._clock()
@@ -614,11 +625,8 @@ class Refresher:
                 if entry.lazy:
                     entry.cert_due = None
                     return entry, True, []  # what a lazy request needs is decided in _run_lazy
-                do_cert = (
-                    entry.cert_due is not None
-                    and entry.cert_due <= now
-                    and entry.bucket.try_take()
-                )
+                due = entry.cert_due
+                do_cert = due is not None and due <= now and entry.bucket.try_take()
                 tokens = [
                     s for s in entry.sources if s._token_due is not None and s._token_due <= now
                 ]
@@ -656,8 +664,21 @@ class Refresher:
             finally:
                 with self._cond:
                     entry.running = False
+                    if entry.force_after_run:
+                        entry.force_after_run = False
+                        self._recheck_locked(entry)
                     self._schedule_locked(entry)
                     self._cond.notify_all()
+
+    def _recheck_locked(self, entry: _Instance) -> None:
+        """A force arrived during a run. Lazy: run again. Refresh-ahead: only if a published info
+        is unusable (otherwise the run that just finished was the refresh, as in Go)."""
+        if entry.lazy:
+            entry.cert_due = self._clock()
+            return
+        now = self.wall()
+        if any(s._state.info is not None and not s._state.valid_at(now) for s in entry.sources):
+            entry.cert_due = self._clock()
 
     def _ensure_key(self) -> RSAPrivateKey:
         if self._key is None:

@@ -34,6 +34,13 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Application Default Credentials would probe the GCE metadata server (a link-local address) when
+# nothing else is configured; tests only ever talk to loopback, so turn that probe off for this
+# process and every process it starts.
+os.environ["NO_GCE_CHECK"] = "True"
+os.environ["GCE_METADATA_HOST"] = "127.0.0.1:9"
+os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 READY_TIMEOUT_S = 90.0
 
 

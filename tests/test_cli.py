@@ -46,7 +46,10 @@ def _assert_usage_error(proc: subprocess.CompletedProcess[str], needle: str) -> 
             ("--unix-socket", "/tmp/fp-cli-unused", "--port", "5000", DEMO_URI),
             "--unix-socket and --port cannot be used together",
         ),
-        ((DEMO_URI,), "--static-connection-info is required"),
+        (
+            (DEMO_URI, "--token", "t", "--credentials-file", "/nonexistent.json"),
+            "cannot specify --token and --credentials-file flags at the same time",
+        ),
         (
             (DEMO_URI, "--static-connection-info", "/nonexistent/static.json"),
             "cannot read static connection info /nonexistent/static.json",
@@ -66,7 +69,7 @@ def _assert_usage_error(proc: subprocess.CompletedProcess[str], needle: str) -> 
         "no-instance",
         "bad-uri",
         "unix-and-port",
-        "no-static-info",
+        "exclusive-credentials",
         "missing-static-file",
         "bad-duration",
         "zero-duration",
