@@ -11,7 +11,6 @@ import datetime
 import logging
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,12 +176,11 @@ def _build_sources(
                 exchange_token=token,
                 user_agent=USER_AGENT,
             )
-            if info.expires_at <= time.time():
-                raise ConfigError(
-                    f"the client certificate in {args.static_connection_info} for "
-                    f"{inst.uri.short} has expired"
-                )
-            static.append(StaticSource(info))
+            source = StaticSource(info)
+            if (err := source.error()) is not None:
+                # As the Auth Proxy: stay up; every connection will fail with this reason.
+                log.warning("[%s] %s", inst.uri.short, err)
+            static.append(source)
         return static, None
 
     any_iam = args.auto_iam_authn or any(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,15 +91,24 @@ class StaticSource:
     private key.
     """
 
-    def __init__(self, info: DialInfo) -> None:
+    def __init__(self, info: DialInfo, wall: Callable[[], float] = time.time) -> None:
         self.name = info.instance
         self._info = info
+        self._wall = wall
 
     def current(self) -> DialInfo | None:
-        return self._info
+        # An expired certificate would only be refused by the server, after the handshake
+        # (protocol §3.4); saying so here gives the user the real cause. Nothing can renew it.
+        return self._info if self._wall() < self._info.expires_at else None
 
     def error(self) -> Exception | None:
-        return None
+        if self._wall() < self._info.expires_at:
+            return None
+        return ConfigError(
+            "the client certificate from --static-connection-info expired at "
+            + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._info.expires_at))
+            + " and static connection info is never refreshed"
+        )
 
     def when_ready(self, callback: Callable[[], None]) -> None:
         callback()

@@ -7,6 +7,7 @@ tests cover logins, rotation under load, an Admin API outage and the API's error
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import socket
@@ -15,13 +16,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from cryptography import x509
 
 from tests.conftest import REPO, EmulatorProcess, ProxyProcess
-from tests.e2e_support import DEMO_URI
+from tests.e2e_support import DEMO_URI, write_static_info
 
 pytestmark = pytest.mark.e2e
 
@@ -333,3 +336,30 @@ def test_admin_api_outage_longer_than_a_certificate(
         time.sleep(1)
     assert proxy.proc.poll() is None
     assert "Traceback" not in proxy.output()
+
+
+def test_expired_static_certificate_is_one_clear_line_and_the_proxy_stays_up(
+    emulator_factory: Callable[..., EmulatorProcess],
+    proxy_factory: Callable[..., ProxyProcess],
+    tmp_path: Path,
+) -> None:
+    emu = emulator_factory(
+        "--backend", "echo", "--token", "t=u@example.com", "--cert-lifetime", "5"
+    )
+    static = write_static_info(emu, "t", tmp_path / "static.json")
+    expiry = json.loads(static.read_text())[DEMO_URI]["pemCertificateChain"][0]
+    not_after = x509.load_pem_x509_certificate(expiry.encode()).not_valid_after_utc.timestamp()
+    while time.time() <= not_after + 0.5:
+        time.sleep(0.2)  # waiting for a wall-clock expiry, not for a server
+    proxy = proxy_factory(
+        DEMO_URI, "--static-connection-info", str(static), "--token", "t", "--port", "0"
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as s:
+        s.settimeout(60)
+        assert s.recv(1) == b""
+    deadline = time.monotonic() + 30
+    while "no connection info" not in proxy.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "expired" in proxy.output() and "never refreshed" in proxy.output()
+    assert "Traceback" not in proxy.output()
+    assert proxy.proc.poll() is None

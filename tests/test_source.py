@@ -203,3 +203,12 @@ def test_static_source(data: dict[str, Any]) -> None:
     assert called == [1]
     src.dial_failed("connect")  # nothing to refresh; must not raise
     assert src.current() is info
+
+
+def test_static_source_with_an_expired_certificate_says_so(data: dict[str, Any]) -> None:
+    info = static_dial_info(data, URI, exchange_token="t")
+    src = StaticSource(info, wall=lambda: info.expires_at + 1)
+    assert src.current() is None
+    err = src.error()
+    assert isinstance(err, ConfigError)
+    assert "expired" in str(err) and "never refreshed" in str(err)
