@@ -35,6 +35,7 @@ import enum
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -334,7 +335,7 @@ class Connection:
                 self._dial_failed("connect")
                 self.close(
                     f"failed to dial {self.info.address}:{self.info.port}: "
-                    f"{errno.errorcode.get(err, err)} ({_strerror(err)})",
+                    f"{errno.errorcode.get(err, err)} ({os.strerror(err)})",
                     error=True,
                 )
                 return
@@ -622,9 +623,3 @@ class Connection:
             )
         if self.shared.on_close is not None:
             self.shared.on_close(self)
-
-
-def _strerror(err: int) -> str:
-    import os
-
-    return os.strerror(err)
