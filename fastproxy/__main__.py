@@ -22,6 +22,7 @@ from fastproxy.conntest import ConnectionTestFailed, dial_once
 from fastproxy.credentials import CredentialOptions, build_credentials, notices, token_for
 from fastproxy.duration import parse_duration
 from fastproxy.errors import ConfigError
+from fastproxy.health import DEFAULT_NAMESPACE, HealthServer, HealthState
 from fastproxy.instance_uri import InstanceURI, split_query
 from fastproxy.listener import Listener
 from fastproxy.loop import Loop, raise_nofile_limit
@@ -89,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--dial-timeout",
         default="30s",
         help="deadline to connect, handshake and exchange with the instance (default 30s)",
+    )
+    p.add_argument(
+        "--health-check",
+        action="store_true",
+        help="serve /startup, /liveness and /readiness on the HTTP address and port",
+    )
+    p.add_argument(
+        "--http-address",
+        default="localhost",
+        help="address for the health and metrics server (default %(default)s)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=9090,
+        help="port for the health and metrics server (default %(default)s; 0 = any free port)",
+    )
+    p.add_argument("--prometheus", action="store_true", help="serve Prometheus /metrics")
+    p.add_argument(
+        "--prometheus-namespace",
+        default="",
+        help=f"prefix for metric names (default {DEFAULT_NAMESPACE})",
     )
     p.add_argument("--debug-logs", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -259,6 +282,29 @@ def _main(argv: Sequence[str] | None) -> int:
         raise ConfigError("--dial-timeout must be positive")
     raise_nofile_limit()
 
+    health: HealthServer | None = None
+    if args.health_check or args.prometheus:
+        # Before the listeners, so /startup answers 503 until the proxy is ready.
+        state = HealthState(
+            health_check=args.health_check,
+            prometheus=args.prometheus,
+            namespace=args.prometheus_namespace or DEFAULT_NAMESPACE,
+        )
+        health = HealthServer(args.http_address, args.http_port, state)
+        health.start()
+    try:
+        return _serve(args, parsed, dial_timeout, health)
+    finally:
+        if health is not None:
+            health.close()
+
+
+def _serve(
+    args: argparse.Namespace,
+    parsed: list[tuple[InstanceArg, dict[str, str]]],
+    dial_timeout: float,
+    health: HealthServer | None,
+) -> int:
     loop = Loop()
     sources, refresher = _build_sources(args, parsed, loop)
     if refresher is not None:
@@ -289,13 +335,20 @@ def _main(argv: Sequence[str] | None) -> int:
             listeners, max_connections=args.max_connections, dial_timeout=dial_timeout, loop=loop
         )
 
+        if health is not None:
+            health.attach(proxy)
+
         def on_signal(signum: int, frame: object) -> None:
             log.info("Received %s, shutting down", signal.Signals(signum).name)
+            if health is not None:
+                health.mark_stopping()
             proxy.stop()
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         log.info("The proxy has started successfully and is ready for new connections!")
+        if health is not None:
+            health.mark_started()
         proxy.run()
     finally:
         if refresher is not None:

@@ -180,6 +180,11 @@ class Proxy:
         self.loop.close()
 
     # -- observing ------------------------------------------------------------------------
+    @property
+    def is_stopping(self) -> bool:
+        """True once :meth:`stop` has taken effect (or the loop has ended); any thread."""
+        return self._stopping
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (safe from any thread; values may be a moment apart)."""
         snap = self.stats_counters.snapshot()
