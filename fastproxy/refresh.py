@@ -353,30 +353,9 @@ class LazySource(_SourceBase):
     """
 
     _lazy = True
-
-    def __init__(
-        self,
-        refresher: Refresher,
-        uri: InstanceURI,
-        ip_type: str = IPType.PRIVATE,
-        *,
-        auto_iam: bool = False,
-        metadata_exchange: bool = True,
-        user_agent: str = USER_AGENT,
-        token_source: TokenSource | None = None,
-        port: int = SERVER_PORT,
-    ) -> None:
-        self._needs_refresh = False  # set by dial_failed (Go's needsRefresh)
-        super().__init__(
-            refresher,
-            uri,
-            ip_type,
-            auto_iam=auto_iam,
-            metadata_exchange=metadata_exchange,
-            user_agent=user_agent,
-            token_source=token_source,
-            port=port,
-        )
+    # Set by dial_failed (Go's needsRefresh). A class default rather than an __init__ override:
+    # the base constructor registers with the refresher, and this must exist before that.
+    _needs_refresh = False
 
     def current(self) -> DialInfo | None:
         state = self._state
