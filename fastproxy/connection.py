@@ -49,7 +49,7 @@ from fastproxy.tls import TLSClientSession
 
 if TYPE_CHECKING:
     from fastproxy.loop import Loop, TimerHandle
-    from fastproxy.stats import Stats
+    from fastproxy.stats import InstanceCounters, Stats
 
 log = logging.getLogger("fastproxy.connection")
 
@@ -145,6 +145,8 @@ class Connection:
         "_client_write",
         "_deadline",
         "_decoder",
+        "_t_dial",
+        "_t_tls",
         "_up_read",
         "_up_write",
         "bytes_down",
@@ -154,6 +156,7 @@ class Connection:
         "client_fd",
         "client_shut",
         "close_reason",
+        "counters",
         "info",
         "peer",
         "shared",
@@ -194,6 +197,10 @@ class Connection:
         self.bytes_down = 0
         self.close_reason = ""
         self.started = time.monotonic()
+        # Per-instance counters (metrics): one dict lookup per connection, none per read.
+        self.counters: InstanceCounters = shared.stats.instance(source.name)
+        self._t_dial = 0.0  # monotonic: dialling began (connection info in hand)
+        self._t_tls = 0.0  # monotonic: TCP connected, TLS handshake began
         self._client_read = False
         self._client_write = False
         self._up_read = False
@@ -217,6 +224,7 @@ class Connection:
         if info is not None:
             self._dial(info)
         elif (err := self.source.error()) is not None:
+            self._failed("no_connection_info")
             self.close(f"no connection info for {self.source.name}: {err}", error=True)
         else:
             self.source.when_ready(self._on_source_ready)
@@ -230,12 +238,14 @@ class Connection:
             return
         err = self.source.error()
         if err is not None:
+            self._failed("no_connection_info")
             self.close(f"no connection info for {self.source.name}: {err}", error=True)
         else:
             self.source.when_ready(self._on_source_ready)
 
     def _dial(self, info: DialInfo) -> None:
         self.info = info
+        self._t_dial = time.monotonic()
         if _is_ip_literal(info.address) or self.shared.resolver is None:
             self._connect(info.address)
             return
@@ -260,11 +270,13 @@ class Connection:
         except OSError as exc:
             retry = self.shared.on_out_of_fds
             if exc.errno not in (errno.EMFILE, errno.ENFILE) or retry is None or not retry():
+                self._failed("socket")
                 self.close(f"cannot open a socket to {info.address}: {exc.strerror}", error=True)
                 return
             try:
                 up = socket.socket(family, socket.SOCK_STREAM)
             except OSError as exc2:
+                self._failed("socket")
                 self.close(f"cannot open a socket to {info.address}: {exc2.strerror}", error=True)
                 return
         self.up = up
@@ -286,8 +298,13 @@ class Connection:
         self._up_read, self._up_write = False, True
 
     def _dial_failed(self, reason: str) -> None:
-        self.shared.stats.dial_failures += 1
+        """A connect/TLS/timeout failure: counted, and the source may refresh its certificate."""
+        self.shared.stats.failed(self.counters, reason, dial=True)
         self.source.dial_failed(reason)
+
+    def _failed(self, reason: str) -> None:
+        """A session that ends before splicing for a reason that is not a dial failure."""
+        self.shared.stats.failed(self.counters, reason, dial=False)
 
     def _on_deadline(self) -> None:
         self._deadline = None
@@ -299,9 +316,12 @@ class Connection:
             }[self.state]
             if self.state is not State.PENDING:
                 self._dial_failed("timeout")
+            else:  # no info published in time, or (info set) the PSC name still resolving
+                self._failed("timeout" if self.info is not None else "no_connection_info")
             target = f"{self.info.address}:{self.info.port}" if self.info else self.source.name
             self.close(f"timed out {where} ({target})", error=True)
         elif self.state is State.EXCHANGE:
+            self._failed("timeout")
             self.close("timed out waiting for the metadata exchange response", error=True)
 
     # ------------------------------------------------------------------------------------------
@@ -340,6 +360,7 @@ class Connection:
                 )
                 return
             self._to(State.HANDSHAKE)
+            self._t_tls = time.monotonic()
             self.tls = TLSClientSession(self.info.context, self.info.address)
             self._pump_upstream()
             return
@@ -365,7 +386,9 @@ class Connection:
 
     def _upstream_broken(self, reason: str) -> None:
         if self.state in (State.CONNECTING, State.HANDSHAKE):
-            self._dial_failed("handshake")
+            self._dial_failed("tls")
+        elif self.state is State.EXCHANGE:
+            self._failed("exchange")
         self.close(reason, error=True)
 
     def _pump_upstream(self) -> None:
@@ -377,13 +400,14 @@ class Connection:
                 done = tls.do_handshake()
             except TLSFailure as exc:
                 self._flush_upstream()
-                self._dial_failed("handshake")
+                self._dial_failed("tls")
                 self.close(str(exc), error=True)
                 return
             if not done:
                 self._flush_upstream()
                 self._update_interest()
                 return
+            self.counters.tls_latency.observe(time.monotonic() - self._t_tls)
             assert self.info is not None
             if self.info.metadata_exchange:
                 self._to(State.EXCHANGE)
@@ -429,6 +453,7 @@ class Connection:
                 self._update_interest()
                 return False
             if n == 0:
+                self._failed("exchange")
                 self.close("server closed the connection during the metadata exchange", error=True)
                 return False
             try:
@@ -437,6 +462,7 @@ class Connection:
                     continue
                 check_response(resp)
             except (ProtocolError, ExchangeRefused) as exc:
+                self._failed("exchange")
                 self.close(str(exc), error=True)
                 return False
             leftover = decoder.unused
@@ -451,6 +477,7 @@ class Connection:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self.counters.dial_latency.observe(time.monotonic() - self._t_dial)
         self.shared.stats.connected(self)
 
     def _read_upstream_data(self) -> None:

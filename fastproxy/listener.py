@@ -65,11 +65,17 @@ class Listener:
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def tcp(cls, address: str, port: int, source: ConnectionInfoSource) -> Listener:
+    def tcp(
+        cls, address: str, port: int, source: ConnectionInfoSource, *, reuse_port: bool = False
+    ) -> Listener:
+        """``reuse_port``: SO_REUSEPORT, so worker processes each bind their own socket to the
+        same port and the kernel spreads new connections across them."""
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((address, port))
             sock.listen(BACKLOG)
         except OSError as exc:
@@ -83,7 +89,24 @@ class Listener:
         return cls(sock, source, f"{shown}:{bound}")
 
     @classmethod
-    def unix(cls, path: Path, source: ConnectionInfoSource) -> Listener:
+    def unix(
+        cls,
+        path: Path,
+        source: ConnectionInfoSource,
+        *,
+        sock: socket.socket | None = None,
+        owner: bool = True,
+    ) -> Listener:
+        """A listener on the unix socket ``path``. ``sock``: one already bound by
+        :meth:`bind_unix` (shared by worker processes); only the ``owner`` removes the file when
+        it closes."""
+        if sock is None:
+            sock = cls.bind_unix(path, source.name)
+        return cls(sock, source, str(path), unix_path=path if owner else None)
+
+    @staticmethod
+    def bind_unix(path: Path, name: str) -> socket.socket:
+        """Bind and listen on ``path`` (mode 0777; a stale socket file is replaced)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists() or path.is_symlink():
@@ -100,14 +123,14 @@ class Listener:
                 raise
         except OSError as exc:
             raise ConfigError(
-                f"cannot listen on unix socket {path} for {source.name}: {exc.strerror or exc}"
+                f"cannot listen on unix socket {path} for {name}: {exc.strerror or exc}"
             ) from exc
         sock.setblocking(False)
-        return cls(sock, source, str(path), unix_path=path)
+        return sock
 
     @property
     def port(self) -> int:
-        return int(self.sock.getsockname()[1]) if self.unix_path is None else 0
+        return 0 if self.sock.family == socket.AF_UNIX else int(self.sock.getsockname()[1])
 
     # -- loop integration -----------------------------------------------------------------
     def attach(

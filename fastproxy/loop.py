@@ -60,6 +60,15 @@ One iteration (:meth:`Loop.run_once`)
 An exception from a handler or a callback is a bug in that code, not a reason to stop serving every
 other connection: it is logged with its traceback at ERROR on ``fastproxy.loop`` and the loop goes
 on. ``KeyboardInterrupt`` and ``SystemExit`` are not caught.
+
+Heartbeat and iteration latency
+===============================
+When select returns, the loop stores :func:`time.monotonic` in :attr:`Loop.heartbeat` (a float
+attribute: other threads read it without a lock) and, at the end of the iteration, records how
+long the iteration was busy in :attr:`Loop.iteration_latency` (a fixed-bucket int histogram, see
+:mod:`fastproxy.stats`). A health checker compares the heartbeat with the clock: a handler that
+blocks stops it. An idle loop blocks in select indefinitely, so whoever checks the heartbeat must
+also keep a periodic timer on the loop (``Proxy`` installs a 1 s one).
 """
 
 from __future__ import annotations
@@ -74,6 +83,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeAlias
+
+from fastproxy.stats import LOOP_BUCKETS, Histogram
 
 __all__ = [
     "COMPACT_MIN_CANCELLED",
@@ -222,6 +233,10 @@ class Loop:
         self._running = False
         self._closed = False
         self._clock_resolution = time.get_clock_info("monotonic").resolution
+        #: monotonic time the last iteration's select returned (any thread may read it)
+        self.heartbeat = _monotonic()
+        #: busy time of each iteration (select return to end of iteration); loop thread writes
+        self.iteration_latency = Histogram(LOOP_BUCKETS)
         rsock, wsock = socket.socketpair()
         rsock.setblocking(False)
         wsock.setblocking(False)
@@ -370,6 +385,7 @@ class Loop:
         if self._closed:
             raise RuntimeError("the loop is closed")
         self._running = True
+        self.heartbeat = _monotonic()
         try:
             while not self._stopping:
                 self.run_once()
@@ -415,6 +431,7 @@ class Loop:
         if timeout is not None and (wait is None or timeout < wait):
             wait = timeout if timeout > 0.0 else 0.0
         events = self._selector.select(wait)
+        self.heartbeat = began = _monotonic()
         done = len(events)
 
         regs = self._regs
@@ -451,6 +468,7 @@ class Loop:
                     fn(*args)
                 except Exception:
                     log.exception("unhandled exception in callback %r", fn)
+        self.iteration_latency.observe(_monotonic() - began)
         return done
 
     def _run_due_timers(self) -> int:

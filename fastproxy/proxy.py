@@ -17,18 +17,20 @@ loop thread; other threads come in through ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastproxy.buffers import BufferPool
-from fastproxy.connection import Connection, Shared
+from fastproxy.connection import Connection, Shared, State
 from fastproxy.listener import Listener
 from fastproxy.loop import Loop
-from fastproxy.stats import Stats
+from fastproxy.stats import MetricsSnapshot, Stats, instance_snapshots
 
 log = logging.getLogger("fastproxy.proxy")
 
@@ -37,6 +39,9 @@ DEFAULT_SLAB_SIZE = 64 * 1024
 # past that the pool itself applies backpressure (reads pause until slabs come back).
 DEFAULT_SLAB_COUNT = 256
 DEFAULT_MAX_ARENAS = 8
+#: The loop wakes at least this often even when idle, so its heartbeat (``Loop.heartbeat``) keeps
+#: moving and a liveness check can tell "idle" from "wedged".
+HEARTBEAT_INTERVAL = 1.0
 
 
 class Proxy:
@@ -54,8 +59,16 @@ class Proxy:
         high_water: int = 256 * 1024,
         low_water: int = 64 * 1024,
         loop: Loop | None = None,
+        worker_index: int = 0,
     ) -> None:
         self.loop = loop or Loop()
+        #: which worker process this is (``--workers``); exported as ``worker_info{worker=...}``
+        self.worker_index = worker_index
+        #: ``threading.get_ident()`` of the thread running the loop, once :meth:`run` started
+        self.loop_thread_ident: int | None = None
+        # High-water marks of the byte counters /metrics reported (see metrics_snapshot).
+        self._bytes_lock = threading.Lock()
+        self._bytes_seen: dict[str, tuple[int, int]] = {}
         self.listeners = list(listeners)
         self.max_connections = max_connections
         self.pool = BufferPool(
@@ -78,6 +91,7 @@ class Proxy:
         self.connections: set[Connection] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False  # listeners closed, open connections still served
         self.ready = threading.Event()
         # One spare descriptor, released when a client was accepted with the last free one and its
         # upstream socket cannot be opened: that client is served instead of dropped, and accepting
@@ -88,7 +102,7 @@ class Proxy:
 
     # -- accepting ------------------------------------------------------------------------
     def _can_accept(self) -> bool:
-        return not self._stopping and (
+        return not (self._stopping or self._draining) and (
             self.max_connections <= 0 or len(self.connections) < self.max_connections
         )
 
@@ -98,12 +112,12 @@ class Proxy:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self.shared, client, peer, listener.source)
         self.connections.add(conn)
-        self.stats_counters.opened()
+        self.stats_counters.opened(conn.counters)
         conn.start()
 
     def _on_connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        if self._stopping:
+        if self._stopping or self._draining:
             return
         if self._reserve_fd < 0:
             self._reserve_fd = _open_reserve()
@@ -141,6 +155,8 @@ class Proxy:
     # -- running --------------------------------------------------------------------------
     def run(self) -> None:
         """Serve in the calling thread until :meth:`stop`."""
+        self.loop_thread_ident = threading.get_ident()
+        self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
         self.ready.set()
         try:
             self.loop.run()
@@ -158,9 +174,29 @@ class Proxy:
         """Stop accepting, close every connection and end :meth:`run`. Any thread."""
         self.loop.call_soon_threadsafe(self._stop_on_loop)
 
+    def stop_accepting(self) -> None:
+        """Close every listener (new clients are refused by the kernel) and keep serving the open
+        connections: the drain phase of a graceful shutdown. Any thread."""
+        self.loop.call_soon_threadsafe(self._stop_accepting_on_loop)
+
+    def _stop_accepting_on_loop(self) -> None:
+        self._draining = True
+        for listener in self.listeners:
+            listener.close()
+
+    @property
+    def active_connections(self) -> int:
+        """Open client connections (a plain int read: any thread)."""
+        return len(self.connections)
+
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _tick(self) -> None:
+        """Keep an idle loop iterating (its heartbeat is what /liveness checks)."""
+        if not self.loop.is_closed:
+            self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
 
     def _stop_on_loop(self) -> None:
         self._stopping = True
@@ -183,7 +219,7 @@ class Proxy:
     @property
     def is_stopping(self) -> bool:
         """True once :meth:`stop` has taken effect (or the loop has ended); any thread."""
-        return self._stopping
+        return self._stopping or self._draining
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (safe from any thread; values may be a moment apart)."""
@@ -191,6 +227,65 @@ class Proxy:
         snap["pool_in_use"] = self.pool.in_use
         snap["pool_capacity"] = self.pool.capacity
         return snap
+
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the loop last finished waiting in select (any thread); None while the loop
+        is not running. An idle loop wakes every :data:`HEARTBEAT_INTERVAL`, so a large age means
+        a handler or callback is blocking the loop thread."""
+        if not self.loop.is_running:
+            return None
+        return max(0.0, time.monotonic() - self.loop.heartbeat)
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Everything /metrics shows, read from any thread without stopping the loop.
+
+        Bytes per instance are those of closed connections (added on the loop thread at close)
+        plus a read of the live counters of the connections still open (one attribute read per
+        open connection per scrape). The two reads are not atomic together: a connection that
+        closes in between is missed for one scrape, so the reported values are clamped to never go
+        below what was reported before (Prometheus counters must not decrease).
+        """
+        stats = self.stats_counters
+        instances = instance_snapshots(stats, self._live_bytes)
+        with self._bytes_lock:
+            seen = self._bytes_seen
+            for name, snap in list(instances.items()):
+                up0, down0 = seen.get(name, (0, 0))
+                up, down = max(up0, snap.bytes_up), max(down0, snap.bytes_down)
+                seen[name] = (up, down)
+                if (up, down) != (snap.bytes_up, snap.bytes_down):
+                    instances[name] = dataclasses.replace(snap, bytes_up=up, bytes_down=down)
+        return MetricsSnapshot(
+            worker=self.worker_index,
+            active=stats.active,
+            closed_ok=stats.closed_ok,
+            closed_error=stats.closed_error,
+            refused=stats.refused(),
+            instances=instances,
+            loop_latency=self.loop.iteration_latency.snapshot(),
+            heartbeat_age=self.heartbeat_age(),
+            pool_in_use=self.pool.in_use,
+            pool_capacity=self.pool.capacity,
+        )
+
+    def _live_bytes(self) -> dict[str, tuple[int, int]]:
+        """(bytes up, bytes down) of open connections per instance; any thread."""
+        conns: list[Connection] = []
+        for _ in range(3):
+            try:
+                conns = list(self.connections)  # one C-level copy under the GIL
+                break
+            except RuntimeError:  # changed size during the copy (not expected under the GIL)
+                continue
+        totals: dict[str, tuple[int, int]] = {}
+        closed = State.CLOSED
+        for conn in conns:
+            if conn.state is closed:  # being (or already) added to the closed totals
+                continue
+            name = conn.counters.name
+            up, down = totals.get(name, (0, 0))
+            totals[name] = (up + conn.bytes_up, down + conn.bytes_down)
+        return totals
 
 
 def _open_reserve() -> int:

@@ -66,6 +66,7 @@ from fastproxy.errors import ConfigError, FastproxyError
 from fastproxy.instance_uri import InstanceURI
 from fastproxy.mdx import AuthType
 from fastproxy.source import SERVER_PORT, USER_AGENT, DialInfo, IPType, next_generation
+from fastproxy.stats import RefreshSnapshot
 
 if TYPE_CHECKING:
     from fastproxy.admin import InstanceMaterial
@@ -409,6 +410,9 @@ class _Instance:
     material: InstanceMaterial | None = None
     context: SSL.Context | None = None
     generation: int = 0
+    # Metrics: plain ints written by the refresher thread only, read by the metrics exporter.
+    refresh_ok: int = 0
+    refresh_failed: int = 0
 
 
 class Refresher:
@@ -505,6 +509,25 @@ class Refresher:
             if result.get(entry.uri) is None:
                 result[entry.uri] = err
         return result
+
+    def metrics_snapshot(self) -> dict[str, RefreshSnapshot]:
+        """Certificate refresh counters and the current certificate's expiry per instance (short
+        ``p.r.c.i`` name); any thread, no lock (int and reference reads, a dict copy)."""
+        out: dict[str, RefreshSnapshot] = {}
+        for entry in list(dict(self._entries).values()):
+            name = entry.uri.short
+            material = entry.material
+            expires = material.expires_at if material is not None else None
+            prev = out.get(name)
+            if prev is not None:  # the same instance with and without the exchange, or lazy
+                known = [e for e in (prev.expires_at, expires) if e is not None]
+                expires = max(known) if known else None
+                out[name] = RefreshSnapshot(
+                    prev.successes + entry.refresh_ok, prev.failures + entry.refresh_failed, expires
+                )
+            else:
+                out[name] = RefreshSnapshot(entry.refresh_ok, entry.refresh_failed, expires)
+        return out
 
     # -- called by sources (any thread) ------------------------------------------------------------
     def _register(self, source: _SourceBase) -> _Instance:
@@ -699,6 +722,7 @@ class Refresher:
         except Exception as exc:
             err = _as_refresh_error(exc, "refresh", short)
             log.warning("refresh of %s failed: %s", short, err)
+            entry.refresh_failed += 1
             for source in entry.sources:
                 old = source._state
                 source._publish(_State(old.info, old.token_expires_at, err), self._loop)
@@ -711,6 +735,7 @@ class Refresher:
         entry.material = material
         entry.context = context
         entry.generation = next_generation()
+        entry.refresh_ok += 1
         delay = next_refresh_delay(self.wall(), material.expires_at)
         log.info(
             "refreshed %s: certificate generation %d, valid for %.0f s",
