@@ -39,7 +39,7 @@ from fastproxy.stats import (
     RefreshSnapshot,
 )
 from tests.conftest import EmulatorProcess, ProxyProcess
-from tests.e2e_support import DEMO_URI, write_static_info
+from tests.e2e_support import DEMO_URI, rewrite_address, write_static_info
 from tests.inproc_support import (
     WAIT_S,
     connect,
@@ -591,3 +591,71 @@ def test_health_and_metrics_end_to_end(
     assert value(after, "fastproxy_tls_handshake_latency_seconds_count", instance=DEMO_SHORT) >= 1
     assert value(after, "fastproxy_loop_iteration_seconds_count") > 0
     assert proxy.stop() == 143  # SIGTERM, as the Auth Proxy (without --exit-zero-sigterm)
+
+
+def _free_http_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _startup_status(port: int) -> int:
+    try:
+        return requests.get(f"http://localhost:{port}/startup", timeout=2).status_code
+    except requests.ConnectionError:
+        return -1
+
+
+@pytest.mark.e2e
+def test_with_backend_check_startup_waits_for_a_successful_dial(
+    emulator_echo: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    static = write_static_info(emulator_echo, "echo-token", tmp_path / "static.json")
+    port = _free_http_port()
+    proxy_factory(
+        DEMO_URI,
+        "--static-connection-info",
+        str(static),
+        "--token",
+        "echo-token",
+        "--port",
+        "0",
+        "--health-check",
+        "--http-port",
+        str(port),
+        "--with-backend-check",
+    )
+    deadline = time.monotonic() + 30
+    while _startup_status(port) != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _startup_status(port) == 200
+
+
+@pytest.mark.e2e
+def test_with_backend_check_startup_stays_503_while_the_instance_is_unreachable(
+    emulator_echo: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    static = write_static_info(emulator_echo, "echo-token", tmp_path / "static.json")
+    rewrite_address(static, DEMO_URI, dead_address())
+    port = _free_http_port()
+    proxy = proxy_factory(
+        DEMO_URI,
+        "--static-connection-info",
+        str(static),
+        "--token",
+        "echo-token",
+        "--port",
+        "0",
+        "--health-check",
+        "--http-port",
+        str(port),
+        "--with-backend-check",
+        "--dial-timeout",
+        "1s",
+    )
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert _startup_status(port) == 503
+        time.sleep(0.2)
+    assert "Backend check failed" in proxy.output()
+    assert requests.get(f"http://localhost:{port}/liveness", timeout=2).status_code == 200
