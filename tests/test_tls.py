@@ -919,3 +919,22 @@ def test_one_big_send_and_outgoing_returns_everything() -> None:
     assert wire.client.outgoing() == b""
     wire.server.feed(ciphertext)
     assert server_read_all(wire.server)[0] == data
+
+
+# Every test above runs twice: on the direct cffi data path and on pyOpenSSL's public API (the
+# fallback when its private bindings are missing), so both must behave identically.
+@pytest.fixture(autouse=True, params=["fast-path", "public-api"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    import fastproxy.tls as tls_module
+
+    if request.param == "public-api":
+        monkeypatch.setattr(tls_module, "_FAST_OK", False)
+    return str(request.param)
+
+
+def test_the_fast_path_is_used_with_the_installed_pyopenssl(data_path: str) -> None:
+    import fastproxy.tls as tls_module
+
+    session = TLSClientSession(default_pki().client_context(), "127.0.0.1")
+    assert session._fast is (data_path == "fast-path")
+    assert tls_module._FAST_OK or data_path == "public-api"
