@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import ipaddress
 import logging
 import os
@@ -770,6 +771,7 @@ def _serve_worker(
             health.attach(proxy, refresh=refresher)
         if admin is not None:
             admin.attach(proxy)
+        _tune_gc()
         loop_thread = proxy.start()
         # /startup first, then the ready line: whoever waits for the line may probe at once.
         if health is not None:
@@ -801,6 +803,24 @@ def _serve_worker(
             admin.close()
         if health is not None:
             health.close()
+
+
+GC_GEN0_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector rare and cheap for a long-running proxy.
+
+    The data path allocates short-lived, acyclic objects (bytes, memoryviews) that reference
+    counting frees at once, yet every 700 allocations CPython ran a collection: the ping-pong
+    profile showed ``gc_collect_main`` at 20% of the loop thread's time. Everything alive at
+    start-up (modules, contexts, listeners) is frozen out of the collector's view, and the
+    first generation is collected every 50,000 allocations instead; cycles (rare here: a
+    connection's handlers are bound methods of it) are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
 
 
 def _on_sighup(signum: int, frame: object) -> None:

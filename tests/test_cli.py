@@ -121,3 +121,18 @@ def test_signal_stops_cleanly(static_file: Path, sig: signal.Signals) -> None:
     assert rc == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], out
     assert f"Received {sig.name}, shutting down" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
+
+
+def test_gc_tuning_freezes_start_up_objects_and_raises_the_threshold() -> None:
+    import gc
+
+    from fastproxy.__main__ import GC_GEN0_THRESHOLD, _tune_gc
+
+    before = gc.get_threshold()
+    try:
+        _tune_gc()
+        assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
