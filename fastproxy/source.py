@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from OpenSSL import SSL
 
 from fastproxy.errors import ConfigError
@@ -168,9 +169,10 @@ def static_dial_info(
         address = entry.get("publicIpAddress")
     else:
         address = entry.get("ipAddress")
+    if isinstance(address, str):
+        address = address.rstrip(".")  # a PSC name's trailing dot; "." alone is no address
     if not isinstance(address, str) or not address:
         raise ConfigError(f'instance does not have IP of type "{ip_type}" (instance {uri.short})')
-    address = address.rstrip(".")
     chain = entry.get("pemCertificateChain")
     ca = entry.get("caCert")
     if not (isinstance(chain, list) and chain and all(isinstance(c, str) for c in chain)):
@@ -181,7 +183,9 @@ def static_dial_info(
         key = load_private_key_pem(str(data["privateKey"]).encode())
         leaf = x509.load_pem_x509_certificate(chain[0].encode())
         context = build_client_context(chain, key, ca)
-    except (ValueError, TypeError, SSL.Error) as exc:
+    except (ValueError, TypeError, SSL.Error, UnsupportedAlgorithm) as exc:
+        # UnsupportedAlgorithm: a PEM private key of a type cryptography does not know (an
+        # unknown PKCS#8 algorithm identifier) is not a ValueError.
         raise ConfigError(f"static connection info for {uri.short}: {exc}") from exc
     if metadata_exchange and not exchange_token:
         raise ConfigError(
