@@ -147,7 +147,8 @@ def test_drain_waits_for_open_connections_then_exits(static_file: Path) -> None:
         proxy.stop(signal.SIGKILL)
     out = proxy.output()
     print(
-        f"\ndrain: readiness 503 after {t_unready:.2f} s (--min-sigterm-delay 2s); exit {t_exit:.2f} s after the last connection closed (--max-sigterm-delay 20s)"
+        f"\ndrain: readiness 503 after {t_unready:.2f} s (--min-sigterm-delay 2s); "
+        f"exit {t_exit:.2f} s after the last connection closed (--max-sigterm-delay 20s)"
     )
     assert rc == 143, out
     assert t_exit < 5, t_exit  # it did not sit out the 20 s max delay
