@@ -17,6 +17,7 @@ loop thread; other threads come in through ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import logging
 import os
@@ -42,6 +43,33 @@ DEFAULT_MAX_ARENAS = 8
 #: The loop wakes at least this often even when idle, so its heartbeat (``Loop.heartbeat``) keeps
 #: moving and a liveness check can tell "idle" from "wedged".
 HEARTBEAT_INTERVAL = 1.0
+#: Heap trimming. glibc keeps the memory a program frees (it returns only the top of a heap), and
+#: the proxy frees a lot in bursts that leave holes between live blocks: a TLS handshake frees its
+#: transient state (OpenSSL's handshake buffer, the flights in the BIOs) once done, and a closed
+#: connection ~45 KiB. Measured with perf/idle_memory.py --trim: 9,500 connections
+#: opened at once left 11 KiB per connection of free heap in RSS (57 KiB per idle connection
+#: instead of 48), and after they all closed RSS stayed at its peak (+44 KiB per closed
+#: connection); one ``malloc_trim(0)`` gave that back in 14 and 27 ms. So a heartbeat trims the
+#: heap once at least TRIM_AFTER_SESSIONS sessions have finished their handshake or closed since
+#: the last trim, provided fewer than TRIM_QUIET_ACCEPTS connections were accepted during the last
+#: heartbeat interval (the burst is over; under sustained churn the freed memory is simply reused).
+TRIM_AFTER_SESSIONS = 1000
+TRIM_QUIET_ACCEPTS = 100
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another libc, or no ctypes access to it)."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    trim: Callable[[int], int] = fn
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 class Proxy:
@@ -89,6 +117,10 @@ class Proxy:
             on_out_of_fds=self._on_out_of_fds,
         )
         self.connections: set[Connection] = set()
+        # Heap trimming (see TRIM_AFTER_SESSIONS): handshakes finished + connections closed at the
+        # last trim, and connections accepted as of the previous heartbeat.
+        self._trim_sessions = 0
+        self._tick_accepted = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._draining = False  # listeners closed, open connections still served
@@ -194,9 +226,32 @@ class Proxy:
             self._thread.join(timeout)
 
     def _tick(self) -> None:
-        """Keep an idle loop iterating (its heartbeat is what /liveness checks)."""
+        """Keep an idle loop iterating (its heartbeat is what /liveness checks); trim the heap
+        after a burst of handshakes or closes."""
+        stats = self.stats_counters
+        sessions = stats.connected_total + stats.closed_ok + stats.closed_error
+        accepted = stats.accepted
+        if (
+            sessions - self._trim_sessions >= TRIM_AFTER_SESSIONS
+            and accepted - self._tick_accepted < TRIM_QUIET_ACCEPTS
+        ):
+            self._trim_sessions = sessions
+            self._trim_heap()
+        self._tick_accepted = accepted
         if not self.loop.is_closed:
             self.loop.call_later(HEARTBEAT_INTERVAL, self._tick)
+
+    def _trim_heap(self) -> None:
+        """Give free heap pages back to the kernel (glibc only; a no-op elsewhere)."""
+        if _malloc_trim is None:
+            return
+        began = time.monotonic()
+        _malloc_trim(0)
+        log.debug(
+            "Heap trimmed in %.1f ms (%d connections open)",
+            (time.monotonic() - began) * 1000,
+            len(self.connections),
+        )
 
     def _stop_on_loop(self) -> None:
         self._stopping = True

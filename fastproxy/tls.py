@@ -63,6 +63,19 @@ an ``iPAddress`` entry, a DNS name an ``dNSName`` entry (case-insensitive, trail
 before any application byte is sent or returned. SNI is sent for DNS names only (trailing dot
 stripped), never for IP literals (RFC 6066).
 
+Memory. An idle session costs ~40 KiB of OpenSSL heap that no public API can release: the
+SSL object (~7 KiB), its read and write record layers (~4.4 KiB each), the server's certificate
+chain kept in the session (~8 KiB for two certificates), the AES-GCM states, the session ticket
+and, with OpenSSL >= 3.5's default groups, both ClientHello key shares (X25519MLKEM768 and X25519,
+~9 KiB; an ``OPENSSL_CONF`` with ``Groups = X25519`` drops them, at the price of the post-quantum
+key exchange, so it is not our default). What can be released is: the contexts set
+``SSL_MODE_RELEASE_BUFFERS`` (the 16-34 KiB record buffers are freed whenever empty), the verify
+callback's slot is dropped after the handshake, and the two memory BIOs, which never shrink (they
+keep 4/3 of the most ciphertext they ever held: ~7.5 KiB after the handshake flights and tickets,
+~340 KiB after one 256 KiB read), are replaced by empty ones once drained (``BIO_RELEASE_ABOVE``;
+the write BIO not in the middle of an upload, ``WBIO_KEEP_ABOVE``). ``perf/idle_memory.py``
+measures the whole proxy per idle connection.
+
 Copies per plaintext byte (pyOpenSSL 26 on memory BIOs):
 
 * client -> server: ``recv_into`` a pooled slab (kernel copy, not ours) -> ``send(memoryview)``,
@@ -83,6 +96,7 @@ GB/s; at the 64 KiB the benchmark moves, AES-GCM and the Python calls dominate
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 from typing import Any, Final
@@ -125,13 +139,34 @@ try:
         hasattr(_lib, name)
         for name in ("SSL_read", "SSL_write", "BIO_read", "BIO_write", "SSL_get_error")
     ) and all(hasattr(SSL.Connection, name) for name in ("_raise_ssl_error",))
+    # Swapping a drained memory BIO for a fresh one (see _release_rbio) needs these as well.
+    _RELEASE_OK = _FAST_OK and all(
+        hasattr(_lib, name) for name in ("BIO_new", "BIO_s_mem", "SSL_set_bio", "BIO_get_mem_data")
+    )
     _WANT_READ: int = getattr(_lib, "SSL_ERROR_WANT_READ", 2)
     _WANT_WRITE: int = getattr(_lib, "SSL_ERROR_WANT_WRITE", 3)
     _ZERO_RETURN: int = getattr(_lib, "SSL_ERROR_ZERO_RETURN", 6)
 except ImportError:  # pragma: no cover - depends on the installed pyOpenSSL
     _ffi = _lib = None
-    _FAST_OK = False
+    _FAST_OK = _RELEASE_OK = False
     _WANT_READ, _WANT_WRITE, _ZERO_RETURN = 2, 3, 6
+
+# Memory BIOs never shrink: OpenSSL's BUF_MEM keeps the largest capacity it ever needed (about 4/3
+# of the most ciphertext that was pending at once). The handshake flights and the session tickets
+# (which arrive after the handshake, ~2.4 KiB from a Python server) leave ~7.5 KiB in the two BIOs
+# of every connection, and one 256 KiB read pins ~340 KiB until the connection closes. So once more
+# than this many bytes went through a BIO since it was created, it is replaced by an empty one the
+# next time it is found drained (SSL_set_bio frees the old one): a drained BIO never keeps more
+# than about 4/3 of this. Each read or write costs one addition and one comparison; a swap (three
+# cffi calls, a malloc/free pair, about a microsecond) comes once per KiB of small messages, or
+# once per burst of bulk data: noise next to decrypting it.
+BIO_RELEASE_ABOVE: Final = 1024
+# ...except that the write BIO is kept while a bulk upload is under way, i.e. when the drain just
+# done held more than one full record: SSL_write appends record after record to it, and a fresh
+# BIO grows by realloc (copy + cleanse) at each, which cost 6 us per 64 KiB (+40%) in
+# perf/bench_tls.py. It is released at the first drain of at most one record (any small message
+# after the upload), so an upload followed by total silence keeps its buffer until then.
+WBIO_KEEP_ABOVE: Final = 16 * 1024 + 512
 
 _scratch = threading.local()  # per thread: one reusable cffi buffer for BIO_read
 
@@ -154,11 +189,14 @@ _CERT_ALERT_WORDS: Final = (
 )
 
 
+@functools.lru_cache(maxsize=256)
 def parse_server_address(address: str) -> tuple[IPAddress | None, str | None]:
     """Split the dialled address into (IP literal, None) or (None, normalised DNS name).
 
     The DNS name is lower-case ASCII (IDNA A-labels) without trailing dots, the form in which it
-    is both sent as SNI and compared with the certificate's dNSName entries.
+    is both sent as SNI and compared with the certificate's dNSName entries. Cached: every
+    connection to an instance dials the same address, and the result is immutable, so sessions
+    share one parsed address instead of holding an ``ip_address`` object each.
     """
     text = address.strip()
     if text.startswith("[") and text.endswith("]"):
@@ -242,15 +280,19 @@ class TLSClientSession:
         "_address",
         "_conn",
         "_dns",
+        "_eof",
         "_fast",
         "_handshake_done",
         "_ip",
         "_maybe_outgoing",
         "_peer_closed",
         "_rbio",
+        "_rbio_fed",
+        "_release",
         "_shutdown_sent",
         "_ssl",
         "_wbio",
+        "_wbio_out",
     )
 
     def __init__(self, context: SSL.Context, address: str) -> None:
@@ -269,6 +311,11 @@ class TLSClientSession:
         wbio = getattr(conn, "_from_ssl", None)
         self._fast = _FAST_OK and None not in (ssl_ptr, rbio, wbio)
         self._ssl, self._rbio, self._wbio = ssl_ptr, rbio, wbio
+        self._release = self._fast and _RELEASE_OK
+        # Ciphertext bytes that went through the current read / write BIO: past BIO_RELEASE_ABOVE
+        # the BIO is replaced once drained (after the handshake only).
+        self._rbio_fed = self._wbio_out = 0
+        self._eof = False
         self._handshake_done = False
         self._peer_closed = False
         self._shutdown_sent = False
@@ -320,11 +367,13 @@ class TLSClientSession:
         if self._fast:
             n = len(data)
             if _lib.BIO_write(self._rbio, _ffi.from_buffer(data), n) == n:
+                self._rbio_fed += n
                 return
         self._conn.bio_write(data)
 
     def receive_eof(self) -> None:
         """The server's TCP stream ended: reading past the buffered bytes is EOF, not WantRead."""
+        self._eof = True  # the read BIO carries this state now: never replace it any more
         self._conn.bio_shutdown()
 
     def outgoing(self) -> bytes:
@@ -343,12 +392,22 @@ class TLSClientSession:
             if n <= 0:
                 return b""
             data: bytes = _ffi.buffer(buf, n)[:]
-            if n < OUTGOING_CHUNK:
-                return data
-            parts = [data]
-            while (n := _lib.BIO_read(wbio, buf, OUTGOING_CHUNK)) > 0:
-                parts.append(_ffi.buffer(buf, n)[:])
-            return b"".join(parts)
+            if n >= OUTGOING_CHUNK:
+                parts = [data]
+                while (n := _lib.BIO_read(wbio, buf, OUTGOING_CHUNK)) > 0:
+                    parts.append(_ffi.buffer(buf, n)[:])
+                data = b"".join(parts)
+            # The write BIO is empty now: replace it if it may have grown (not mid-upload).
+            out = self._wbio_out + len(data)
+            self._wbio_out = out
+            if (
+                out > BIO_RELEASE_ABOVE
+                and len(data) <= WBIO_KEEP_ABOVE
+                and self._handshake_done
+                and self._release
+            ):
+                self._release_wbio()
+            return data
         conn = self._conn
         try:
             data = conn.bio_read(OUTGOING_CHUNK)
@@ -395,6 +454,12 @@ class TLSClientSession:
             raise TLSFailure(f"TLS handshake with {self._address}: server sent no certificate")
         check_server_name(cert, self._ip, self._dns, self._address)
         self._handshake_done = True
+        # Handshake-only state: the verify callback's slot is read only while handshaking, and the
+        # BIOs grew to hold whole handshake flights (the certificate chains): release them once
+        # drained (the Finished goes out with the next outgoing(), the ticket records are read by
+        # the next recv_into).
+        conn.set_app_data(None)
+        self._rbio_fed = self._wbio_out = BIO_RELEASE_ABOVE + 1
         return True
 
     # -- plaintext side --------------------------------------------------------------------------
@@ -417,6 +482,8 @@ class TLSClientSession:
                 err = _lib.SSL_get_error(ssl_ptr, r)
                 if err in (_WANT_READ, _WANT_WRITE):
                     self._maybe_outgoing = True
+                    if self._rbio_fed > BIO_RELEASE_ABOVE and self._release:
+                        self._release_rbio()
                     return None
                 if err == _ZERO_RETURN:
                     self._peer_closed = True
@@ -480,6 +547,37 @@ class TLSClientSession:
         except SSL.Error as exc:
             raise self._failure("TLS shutdown", exc) from exc
         self._shutdown_sent = True
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _release_wbio(self) -> None:
+        """Replace the (drained) write BIO by an empty one; SSL_set_bio frees the old one."""
+        self._wbio_out = 0
+        bio = _lib.BIO_new(_lib.BIO_s_mem())
+        if bio == _ffi.NULL:  # pragma: no cover - out of memory: keep using the old one
+            return
+        # Only the wbio changes: OpenSSL adopts this reference and frees the previous BIO.
+        _lib.SSL_set_bio(self._ssl, self._rbio, bio)
+        self._wbio = bio
+        self._conn._from_ssl = bio  # pyOpenSSL's own bio_read/bio_write use these pointers
+
+    def _release_rbio(self) -> None:
+        """Replace the read BIO by an empty one if it holds no ciphertext; else try later."""
+        if (
+            self._eof
+            or not self._handshake_done
+            or _lib.BIO_get_mem_data(self._rbio, _ffi.NULL) != 0
+        ):
+            return
+        self._rbio_fed = 0
+        bio = _lib.BIO_new(_lib.BIO_s_mem())
+        if bio == _ffi.NULL:  # pragma: no cover - out of memory: keep using the old one
+            return
+        # Only the rbio changes (and the two differ): one reference adopted, the old BIO freed,
+        # and the record layer re-pointed at the new one.
+        _lib.SSL_set_bio(self._ssl, bio, self._wbio)
+        self._rbio = bio
+        self._conn._into_ssl = bio
 
     # -- errors ----------------------------------------------------------------------------------
 

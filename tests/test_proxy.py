@@ -168,3 +168,51 @@ def test_two_listeners_on_one_proxy_use_their_own_sources(emulator_echo: Emulato
             assert names == ["first", "second"]
         wait_until(lambda: proxy.stats()["active"] == 0, "both sessions to close")
         assert proxy.stats()["accepted"] == 2
+
+
+def test_heap_is_trimmed_after_a_burst_of_sessions(
+    emulator_echo: EmulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """malloc_trim runs at a heartbeat once enough sessions finished their handshake or closed
+    since the last trim, and only when accepting has quietened down."""
+    import fastproxy.proxy as proxy_module
+
+    trims: list[int] = []
+
+    def fake_trim(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    monkeypatch.setattr(proxy_module, "_malloc_trim", fake_trim)
+    monkeypatch.setattr(proxy_module, "TRIM_AFTER_SESSIONS", 6)
+    monkeypatch.setattr(proxy_module, "TRIM_QUIET_ACCEPTS", 2)
+    monkeypatch.setattr(proxy_module, "HEARTBEAT_INTERVAL", 3600.0)  # only the calls below tick
+    listener = Listener.tcp("127.0.0.1", 0, echo_source(emulator_echo))
+    with running_proxy([listener]) as proxy:
+        socks = [connect(listener.port) for _ in range(4)]
+        for s in socks:
+            echo(s, b"x")
+        on_loop(proxy, proxy._tick)
+        assert trims == []  # 4 handshakes < 6, and 4 accepts since the last heartbeat
+        on_loop(proxy, proxy._tick)
+        assert trims == []  # quiet now, but still 4 < 6
+        socks.pop().close()
+        socks.pop().close()
+        wait_until(lambda: on_loop(proxy, lambda: len(proxy.connections)) == 2, "two closes")
+        on_loop(proxy, proxy._tick)
+        assert trims == [0]  # 4 handshakes + 2 closes, no accept since the last heartbeat
+        for s in socks:
+            s.close()
+        wait_idle(proxy)
+        on_loop(proxy, proxy._tick)
+        assert trims == [0]  # 2 more closes since the trim: < 6
+        more = [connect(listener.port) for _ in range(3)]
+        for s in more:
+            echo(s, b"y")
+        for s in more:
+            s.close()
+        wait_idle(proxy)
+        on_loop(proxy, proxy._tick)
+        assert trims == [0]  # 2 + 3 + 3 = 8 >= 6, but 3 accepts >= 2 in this interval
+        on_loop(proxy, proxy._tick)
+        assert trims == [0, 0]

@@ -921,6 +921,110 @@ def test_one_big_send_and_outgoing_returns_everything() -> None:
     assert server_read_all(wire.server)[0] == data
 
 
+def _count_bio_swaps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the read/write BIO replacements that actually happened (the pointer changed)."""
+    swaps = {"r": 0, "w": 0}
+    release_r, release_w = TLSClientSession._release_rbio, TLSClientSession._release_wbio
+
+    def counting_r(self: TLSClientSession) -> None:
+        before = self._rbio
+        release_r(self)
+        swaps["r"] += self._rbio != before
+
+    def counting_w(self: TLSClientSession) -> None:
+        before = self._wbio
+        release_w(self)
+        swaps["w"] += self._wbio != before
+
+    monkeypatch.setattr(TLSClientSession, "_release_rbio", counting_r)
+    monkeypatch.setattr(TLSClientSession, "_release_wbio", counting_w)
+    return swaps
+
+
+@pytest.mark.parametrize("data_path", ["fast-path"], indirect=True)  # BIOs: cffi path only
+@SERVERS
+def test_drained_bios_are_replaced_after_the_handshake(
+    make_server: ServerFactory, tmp_path: Path, data_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's memory BIOs keep their largest size: the handshake flights (certificate chains)
+    would stay allocated for the connection's life. Once drained they are swapped for empty ones,
+    and pyOpenSSL's own pointers follow, so its public bio_* methods keep working."""
+    swaps = _count_bio_swaps(monkeypatch)
+    wire = connect(make_server, tmp_path, 4)
+    client = wire.client
+    slab = memoryview(bytearray(4096))
+    client_send_all(wire, b"ping")
+    wire.flush()
+    assert server_read_all(wire.server) == (b"ping", False)
+    wire.server.write(b"pong")
+    wire.flush()
+    assert client_read_all(client, slab) == (b"pong", False)  # ends on WantRead: BIO drained
+    assert swaps["r"] >= 1 and swaps["w"] >= 1
+    assert client._conn._into_ssl == client._rbio
+    assert client._conn._from_ssl == client._wbio
+    # Small messages below BIO_RELEASE_ABOVE since the last swap: no more swaps.
+    before = dict(swaps)
+    client_send_all(wire, b"x")
+    wire.flush()
+    assert server_read_all(wire.server) == (b"x", False)
+    wire.server.write(b"y")
+    wire.flush()
+    assert client_read_all(client, slab) == (b"y", False)
+    assert swaps == before
+    # The public API still reaches the live BIOs.
+    wire.server.write(b"via the public API")
+    wire.collect()
+    client._conn.bio_write(bytes(wire.to_client))
+    wire.to_client.clear()
+    assert client_read_all(client, slab) == (b"via the public API", False)
+
+
+@pytest.mark.parametrize("data_path", ["fast-path"], indirect=True)  # BIOs: cffi path only
+def test_write_bio_is_kept_during_an_upload_and_released_after(
+    data_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh write BIO grows by realloc record after record: mid-upload it is kept, and given
+    back at the first drain of at most one record."""
+    swaps = _count_bio_swaps(monkeypatch)
+    wire = connect(make_pyopenssl, Path("."), 5)
+    wire.flush()
+    client = wire.client
+    w0 = swaps["w"]
+    chunk = random.Random(5).randbytes(64 * 1024)
+    for _ in range(3):
+        assert client.send(memoryview(chunk)) == len(chunk)
+        wire.server.feed(client.outgoing())
+        assert server_read_all(wire.server)[0] == chunk
+    assert swaps["w"] == w0
+    assert client.send(b"done") == 4
+    wire.server.feed(client.outgoing())
+    assert server_read_all(wire.server)[0] == b"done"
+    assert swaps["w"] == w0 + 1
+
+
+@pytest.mark.parametrize("data_path", ["fast-path"], indirect=True)  # BIOs: cffi path only
+def test_read_bio_is_not_replaced_after_eof(
+    data_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The EOF mark lives in the read BIO: a swap would turn a truncation into a wait."""
+    swaps = _count_bio_swaps(monkeypatch)
+    wire = connect(make_pyopenssl, Path("."), 6)
+    wire.flush()
+    slab = memoryview(bytearray(100_000))
+    wire.server.write(b"z" * 50_000)  # past BIO_RELEASE_ABOVE
+    wire.flush()
+    r0 = swaps["r"]
+    wire.client.receive_eof()
+    got = 0
+    with pytest.raises(TLSFailure, match="truncated"):
+        while True:
+            n = wire.client.recv_into(slab[got:])
+            assert n, "EOF must not look like a wait or a clean close"
+            got += n
+    assert got == 50_000
+    assert swaps["r"] == r0
+
+
 # Every test above runs twice: on the direct cffi data path and on pyOpenSSL's public API (the
 # fallback when its private bindings are missing), so both must behave identically.
 @pytest.fixture(autouse=True, params=["fast-path", "public-api"])
