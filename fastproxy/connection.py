@@ -481,7 +481,24 @@ class Connection:
         self.shared.stats.connected(self)
 
     def _read_upstream_data(self) -> None:
-        """Decrypt into pooled slabs and send them to the client, until blocked or bounded."""
+        """Decrypt into pooled slabs and send them to the client, until OpenSSL runs dry or the
+        client's queue stays above its low-water mark.
+
+        Stopping at the high-water mark can leave whole records in the read BIO that no socket
+        event will announce again (the server may have sent its last byte long ago). So when the
+        flush that follows drains the queue below the low-water mark in one go, there will be no
+        writability event to resume on either: decrypting must go on here, or the connection
+        stalls with the end of the stream inside OpenSSL.
+        """
+        queue = self.to_client
+        while True:
+            drained = self._decrypt_to_client()
+            self._flush_client()
+            if drained or self.upstream_eof or queue.throttled or self.state is State.CLOSED:
+                return
+
+    def _decrypt_to_client(self) -> bool:
+        """Queue decrypted data until the high-water mark; True if OpenSSL has nothing left."""
         tls = self.tls
         assert tls is not None
         pool, queue = self.shared.pool, self.to_client
@@ -519,10 +536,10 @@ class Connection:
                 if ended != "upstream closed":
                     self.close_reason = ended
                 self._enter_draining()
-                break
+                return True
             if got < size:
-                break
-        self._flush_client()
+                return True
+        return self.upstream_eof
 
     # ------------------------------------------------------------------------------------------
     # client side

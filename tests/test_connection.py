@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from fastproxy.stats import Stats
 from tests.conftest import EmulatorProcess
 from tests.e2e_support import DEMO_URI
 from tests.inproc_support import (
+    WAIT_S,
     connect,
     dead_address,
     echo,
@@ -150,6 +152,28 @@ def test_client_half_close_drains_then_closes(proxy: Proxy) -> None:
         assert recv_eof(sock) == payload
     wait_idle(proxy)
     assert proxy.stats()["closed_error"] == 0
+
+
+@pytest.mark.parametrize("size", [1 << 20, 3 << 20])
+def test_records_left_in_openssl_at_high_water_are_delivered(
+    emulator_echo: EmulatorProcess, size: int
+) -> None:
+    """A burst larger than the high-water mark, then silence: decrypting stops at the mark with
+    records still in the read BIO, and a client fast enough to take the whole queue in one flush
+    leaves no writability event to resume on. Every byte must still arrive (this stalled until
+    the reader's timeout: the end of the stream stayed inside OpenSSL)."""
+    listener = Listener.tcp("127.0.0.1", 0, echo_source(emulator_echo))
+    with running_proxy([listener], high_water=16 * 1024, low_water=4 * 1024) as proxy:
+        with connect(listener.port) as sock:
+            payload = os.urandom(size)
+            writer = threading.Thread(target=sock.sendall, args=(payload,))
+            writer.start()
+            try:
+                assert recv_exactly(sock, size) == payload
+            finally:
+                writer.join(WAIT_S)
+        wait_idle(proxy)
+        assert proxy.stats()["closed_error"] == 0
 
 
 @pytest.mark.parametrize("how", ["rst", "fin"])
