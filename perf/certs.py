@@ -20,6 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fastproxy.emulator.pki import _ca_key_usage
+from fastproxy.emulator.pki import _pem as _pem_cert
+from fastproxy.keys import generate_key, public_key_pem
+
 URI_PREFIX = "projects/perf/locations/local/clusters/bench/instances/"
 
 
@@ -31,14 +35,6 @@ class CertFiles:
     client_key: Path  # client private key (PKCS#8)
     client_combined: Path  # client chain + key, for haproxy's "crt"
     static_info: Path  # Go Auth Proxy static connection-info JSON
-
-
-def _key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _pem_cert(c: x509.Certificate) -> str:
-    return c.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _pem_key(k: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
@@ -63,7 +59,7 @@ def generate(directory: Path, instances: dict[str, str], server_key: str = "rsa"
     """
     now = dt.datetime.now(dt.UTC)
     start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=2)
-    ca_key = _key()
+    ca_key = generate_key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastproxy perf CA")])
     ca = (
         x509.CertificateBuilder()
@@ -74,20 +70,7 @@ def generate(directory: Path, instances: dict[str, str], server_key: str = "rsa"
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_ca_key_usage(), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -122,19 +105,17 @@ def generate(directory: Path, instances: dict[str, str], server_key: str = "rsa"
         return b.sign(ca_key, hashes.SHA256())
 
     skey: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey = (
-        ec.generate_private_key(ec.SECP256R1()) if server_key == "ec" else _key()
+        ec.generate_private_key(ec.SECP256R1()) if server_key == "ec" else generate_key()
     )
-    client_key = _key()
+    client_key = generate_key()
     server = leaf(skey, "upstream.perf", server=True)
     client = leaf(client_key, "client.perf", server=False)
     ca_pem = _pem_cert(ca)
     client_chain = _pem_cert(client) + ca_pem
-    public_pem = (
-        client_key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    static: dict[str, object] = {"publicKey": public_pem, "privateKey": _pem_key(client_key)}
+    static: dict[str, object] = {
+        "publicKey": public_key_pem(client_key),
+        "privateKey": _pem_key(client_key),
+    }
     for name, ip in instances.items():
         static[URI_PREFIX + name] = {
             "ipAddress": ip,

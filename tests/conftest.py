@@ -44,6 +44,19 @@ os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 READY_TIMEOUT_S = 90.0
 
 
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> int:
+    """Send ``sig`` unless ``proc`` has exited; kill it if it is still running 30 s later.
+    Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[ThrowawayPostgres]:
     """A real PostgreSQL server for the whole session (superuser postgres/postgres)."""
@@ -73,14 +86,7 @@ class EmulatorProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return stop_process(self.proc)
 
 
 def start_emulator_process(tmp_path: Path, *args: str) -> EmulatorProcess:
@@ -146,13 +152,19 @@ def emulator_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorPr
     emu.stop()
 
 
+def echo_emulator(tmp: Path, token: str) -> Iterator[EmulatorProcess]:
+    """For a fixture to ``yield from``: an emulator with the echo backend that accepts ``token``
+    (``TOKEN=PRINCIPAL``), stopped at teardown."""
+    emu = start_emulator_process(tmp, "--backend", "echo", "--token", token)
+    yield emu
+    emu.stop()
+
+
 @pytest.fixture(scope="session")
 def emulator_echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
     """One emulator with the echo backend for the session."""
     tmp = tmp_path_factory.mktemp("emulator-echo")
-    emu = start_emulator_process(tmp, "--backend", "echo", "--token", "echo-token=echo@example.com")
-    yield emu
-    emu.stop()
+    yield from echo_emulator(tmp, "echo-token=echo@example.com")
 
 
 @dataclass
@@ -170,16 +182,10 @@ class ProxyProcess:
         return "".join(self.lines)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc, sig)
         if self.drainer is not None:
             self.drainer.join(timeout=10)
-        return int(self.proc.returncode)
+        return rc
 
 
 def start_proxy_process(*args: str, timeout: float = 60.0) -> ProxyProcess:

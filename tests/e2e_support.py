@@ -1,4 +1,5 @@
-"""Helpers for the end-to-end tests: static connection info, raw PostgreSQL messages, RSS."""
+"""Helpers for the end-to-end tests: static connection info and the proxy arguments that use it,
+free ports, HTTP status probes, one-shot echoes, raw PostgreSQL messages, RSS."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import struct
 from pathlib import Path
 from typing import Any
+
+import requests
 
 from fastproxy.emulator.static_info import build_static_info, write_private_json
 from tests.conftest import EmulatorProcess
@@ -27,10 +30,43 @@ def write_static_info(
     return path
 
 
+def static_args(static: Path, token: str) -> list[str]:
+    """Arguments for a proxy of the demo instance from the static connection-info file
+    ``static``, on a port the OS chooses."""
+    return [DEMO_URI, "--static-connection-info", str(static), "--token", token, "--port", "0"]
+
+
 def rewrite_address(static: Path, uri: str, ip: str) -> None:
     data = json.loads(static.read_text())
     data[uri]["ipAddress"] = ip
     write_private_json(static, data)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_status(url: str) -> int:
+    """The status code of a GET of ``url``; -1 while nothing accepts the connection."""
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.ConnectionError:
+        return -1
+
+
+def echo_once(port: int, payload: bytes, timeout: float = 30) -> bytes:
+    """One connection to 127.0.0.1:``port``: send ``payload``, half-close, and return everything
+    that comes back before the other side closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := s.recv(65536):
+            got += chunk
+        return bytes(got)
 
 
 def rss_kib(pid: int) -> int:
@@ -56,12 +92,12 @@ def query_message(sql: str) -> bytes:
 
 
 def read_message(sock: socket.socket) -> tuple[bytes, bytes]:
-    head = _exactly(sock, 5)
+    head = recv_exactly(sock, 5)
     (length,) = struct.unpack(">i", head[1:])
-    return head[:1], _exactly(sock, length - 4)
+    return head[:1], recv_exactly(sock, length - 4)
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes:
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))

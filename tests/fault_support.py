@@ -1,5 +1,7 @@
-"""Misbehaving peers for the fault tests: a fake AlloyDB instance built on the emulator's PKI, and
-an Admin API interposer that alters the emulator's certificates.
+"""Misbehaving peers for the fault tests: a fake AlloyDB instance built on the emulator's PKI, an
+Admin API interposer that alters the emulator's certificates, and what both Admin API fakes (the
+interposer, test_admin's scripted server) build on: a JSON HTTP server and throwaway certificate
+chains.
 
 ``FakeInstance`` listens on 127.0.0.1 and runs a test-supplied behaviour for every accepted
 connection on its own thread: reset in the middle of the TLS handshake, answer the metadata
@@ -40,8 +42,8 @@ from fastproxy.keys import generate_key, public_key_pem
 from fastproxy.mdx import AuthType
 from fastproxy.source import DialInfo, next_generation
 from fastproxy.tlsctx import build_client_context
-from tests.e2e_support import DEMO_URI
-from tests.inproc_support import WAIT_S
+from tests.e2e_support import DEMO_URI, recv_exactly
+from tests.inproc_support import WAIT_S, self_signed_ca
 
 FAKE_TOKEN = "fake-instance-token"
 
@@ -239,16 +241,6 @@ class FakeInstance:
         self.close()
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 # --- the Admin API interposer ----------------------------------------------------------------
 
 
@@ -256,79 +248,48 @@ def _stranger_public_pem() -> str:
     return public_key_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
-def expired_chain_for(public_pem: str) -> list[str]:
-    """A leaf for ``public_pem`` that expired a minute ago, and its (throwaway) CA."""
-    public = serialization.load_pem_public_key(public_pem.encode())
-    assert isinstance(public, rsa.RSAPublicKey)
+def chain_for(public: rsa.RSAPublicKey, not_after: dt.datetime) -> tuple[list[str], str]:
+    """A client leaf for ``public`` valid for the two hours up to ``not_after``, signed by a
+    throwaway root: ``([leaf, root], root)`` as PEM, the shape of an Admin API answer."""
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "expired test CA")])
-    now = dt.datetime.now(dt.UTC)
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    root = self_signed_ca(ca_key, "root", dt.datetime.now(dt.UTC) - dt.timedelta(days=1), serial=1)
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "client")]))
-        .issuer_name(name)
+        .issuer_name(root.subject)
         .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=2))
-        .not_valid_after(now - dt.timedelta(minutes=1))
+        .serial_number(2)
+        .not_valid_before(not_after - dt.timedelta(hours=2))
+        .not_valid_after(not_after)
         .sign(ca_key, hashes.SHA256())
     )
-    return [c.public_bytes(serialization.Encoding.PEM).decode() for c in (leaf, ca)]
+    pems = [c.public_bytes(serialization.Encoding.PEM).decode() for c in (leaf, root)]
+    return pems, pems[1]
+
+
+#: Gets the request (method, path, headers) and its body (None when empty); gives the status
+#: and the JSON bytes to answer with.
+Answer = Callable[[BaseHTTPRequestHandler, bytes | None], tuple[int, bytes]]
 
 
 @contextlib.contextmanager
-def admin_interposer(upstream: str, mode: str) -> Iterator[str]:
-    """An HTTP server forwarding Admin API calls to ``upstream`` (the emulator), altering
-    ``generateClientCertificate``: ``wrong-key`` asks the emulator for a certificate for another
-    public key (a real certificate, for the wrong key); ``expired`` answers with a certificate for
-    the right key that has already expired. Yields the interposer's endpoint."""
-    assert mode in ("wrong-key", "expired")
-    stranger = _stranger_public_pem() if mode == "wrong-key" else ""
+def json_http_server(answer: Answer) -> Iterator[str]:
+    """An HTTP/1.1 server on 127.0.0.1 answering every GET and POST with what ``answer`` gives,
+    as ``application/json``, on its own threads. Yields its endpoint."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def _forward(self) -> None:
+        def _answer(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else None
-            is_cert = self.path.endswith(":generateClientCertificate")
-            request: dict[str, Any] = json.loads(body) if (is_cert and body) else {}
-            if is_cert and mode == "wrong-key":
-                request["publicKey"] = stranger
-                body = json.dumps(request).encode()
-            headers = {
-                k: v
-                for k, v in self.headers.items()
-                if k.lower() in ("authorization", "content-type", "x-goog-request-params")
-            }
-            resp = requests.request(
-                self.command, upstream + self.path, data=body, headers=headers, timeout=30
-            )
-            raw = resp.content
-            if is_cert and mode == "expired" and resp.status_code == 200:
-                answer = resp.json()
-                chain = expired_chain_for(str(request["publicKey"]))
-                answer["pemCertificateChain"] = chain
-                answer["caCert"] = chain[-1]
-                raw = json.dumps(answer).encode()
-            self.send_response(resp.status_code)
+            status, raw = answer(self, self.rfile.read(length) if length else None)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
             self.wfile.write(raw)
 
-        do_GET = do_POST = _forward
+        do_GET = do_POST = _answer
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -343,3 +304,40 @@ def admin_interposer(upstream: str, mode: str) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def admin_interposer(upstream: str, mode: str) -> Iterator[str]:
+    """An HTTP server forwarding Admin API calls to ``upstream`` (the emulator), altering
+    ``generateClientCertificate``: ``wrong-key`` asks the emulator for a certificate for another
+    public key (a real certificate, for the wrong key); ``expired`` answers with a certificate for
+    the right key that has already expired. Yields the interposer's endpoint."""
+    assert mode in ("wrong-key", "expired")
+    stranger = _stranger_public_pem() if mode == "wrong-key" else ""
+
+    def forward(handler: BaseHTTPRequestHandler, body: bytes | None) -> tuple[int, bytes]:
+        is_cert = handler.path.endswith(":generateClientCertificate")
+        request: dict[str, Any] = json.loads(body) if (is_cert and body) else {}
+        if is_cert and mode == "wrong-key":
+            request["publicKey"] = stranger
+            body = json.dumps(request).encode()
+        headers = {
+            k: v
+            for k, v in handler.headers.items()
+            if k.lower() in ("authorization", "content-type", "x-goog-request-params")
+        }
+        resp = requests.request(
+            handler.command, upstream + handler.path, data=body, headers=headers, timeout=30
+        )
+        if is_cert and mode == "expired" and resp.status_code == 200:
+            public = serialization.load_pem_public_key(str(request["publicKey"]).encode())
+            assert isinstance(public, rsa.RSAPublicKey)
+            chain, ca = chain_for(public, dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+            answer = resp.json()
+            answer["pemCertificateChain"] = chain
+            answer["caCert"] = ca
+            return resp.status_code, json.dumps(answer).encode()
+        return resp.status_code, resp.content
+
+    with json_http_server(forward) as endpoint:
+        yield endpoint

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fastproxy.emulator.static_info import build_static_info
 from fastproxy.instance_uri import InstanceURI
@@ -29,6 +29,7 @@ from fastproxy.proxy import Proxy
 from fastproxy.source import DialInfo, StaticSource, static_dial_info
 from tests.conftest import EmulatorProcess
 from tests.e2e_support import DEMO_URI
+from tests.e2e_support import recv_exactly as recv_exactly  # re-exported: tests import it from here
 
 T = TypeVar("T")
 
@@ -66,22 +67,35 @@ def dead_address() -> str:
     return allocate_addresses(1, ipaddress.IPv4Address("127.0.203.1"))[0]
 
 
-def self_signed_ca_pem() -> str:
-    """A CA certificate that has nothing to do with any emulator."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "stranger CA")])
+def self_signed_ca(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    cn: str,
+    not_before: datetime.datetime,
+    *,
+    serial: int | None = None,
+) -> x509.Certificate:
+    """A CA certificate for ``key``, signed by itself, valid from ``not_before`` until a day from
+    now; a random serial number unless ``serial`` is given."""
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cn)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .serial_number(x509.random_serial_number() if serial is None else serial)
+        .not_valid_before(not_before)
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+
+
+def self_signed_ca_pem() -> str:
+    """A CA certificate that has nothing to do with any emulator."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = self_signed_ca(key, "stranger CA", now - datetime.timedelta(minutes=5))
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -133,16 +147,6 @@ def wait_idle(proxy: Proxy) -> None:
 
 def connect(port: int, timeout: float = WAIT_S) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def echo(sock: socket.socket, payload: bytes) -> None:

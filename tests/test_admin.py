@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import google.oauth2.credentials
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 import fastproxy
 from fastproxy.admin import AdminAPIError, AdminClient, validate_endpoint
@@ -34,6 +29,8 @@ from fastproxy.instance_uri import InstanceURI
 from fastproxy.keys import generate_key, public_key_pem
 from fastproxy.tlsctx import load_certificates
 from tests.conftest import EmulatorProcess
+from tests.e2e_support import free_port
+from tests.fault_support import chain_for, json_http_server
 
 SHORT = "demo-project.us-central1.demo-cluster.demo-primary"
 
@@ -377,10 +374,7 @@ def test_malformed_json_is_reported(
 
 
 def test_connection_refused_names_the_endpoint(uri: InstanceURI, pem: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     with AdminClient(_creds("t"), endpoint=endpoint) as client, pytest.raises(
         AdminAPIError
     ) as info:
@@ -413,38 +407,6 @@ def test_closed_client_refuses_work(
 
 
 # --- responses the emulator never sends: a scripted server ----------------------------------
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _chain_for(public: rsa.RSAPublicKey, not_after: dt.datetime) -> tuple[list[str], str]:
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = dt.datetime.now(dt.UTC)
-    root = (
-        x509.CertificateBuilder()
-        .subject_name(_name("root"))
-        .issuer_name(_name("root"))
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(_name("client"))
-        .issuer_name(_name("root"))
-        .public_key(public)
-        .serial_number(2)
-        .not_valid_before(not_after - dt.timedelta(hours=2))
-        .not_valid_after(not_after)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pems = [c.public_bytes(serialization.Encoding.PEM).decode() for c in (leaf, root)]
-    return pems, pems[1]
-
-
 class _Scripted:
     """Answers for the scripted server: (status, JSON-able body) per RPC."""
 
@@ -457,35 +419,12 @@ class _Scripted:
 def scripted() -> Iterator[tuple[str, _Scripted]]:
     script = _Scripted()
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(handler: BaseHTTPRequestHandler, body: bytes | None) -> tuple[int, bytes]:
+        status, reply = script.info if handler.path.endswith("/connectionInfo") else script.cert
+        return status, json.dumps(reply).encode()
 
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length)
-            status, body = script.info if self.path.endswith("/connectionInfo") else script.cert
-            raw = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", script
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with json_http_server(answer) as endpoint:
+        yield endpoint, script
 
 
 def _fetch_scripted(endpoint: str, pem: str) -> AdminAPIError:
@@ -504,7 +443,7 @@ def test_certificate_for_another_key_is_refused(
 ) -> None:
     endpoint, script = scripted
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    chain, ca = _chain_for(other.public_key(), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    chain, ca = chain_for(other.public_key(), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     script.cert = (200, {"pemCertificateChain": chain, "caCert": ca})
     exc = _fetch_scripted(endpoint, pem)
     assert "different public key" in str(exc)
@@ -515,7 +454,7 @@ def test_expired_certificate_is_refused(
     scripted: tuple[str, _Scripted], key: rsa.RSAPrivateKey, pem: str
 ) -> None:
     endpoint, script = scripted
-    chain, ca = _chain_for(key.public_key(), dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+    chain, ca = chain_for(key.public_key(), dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
     script.cert = (200, {"pemCertificateChain": chain, "caCert": ca})
     assert "already expired" in str(_fetch_scripted(endpoint, pem))
 
@@ -524,7 +463,7 @@ def test_scripted_good_answer_and_snake_case_fields(
     scripted: tuple[str, _Scripted], key: rsa.RSAPrivateKey, pem: str
 ) -> None:
     endpoint, script = scripted
-    chain, ca = _chain_for(key.public_key(), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    chain, ca = chain_for(key.public_key(), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     # protojson may emit proto field names; unknown fields are ignored
     script.cert = (200, {"pem_certificate_chain": chain, "ca_cert": ca, "extra": 1})
     script.info = (200, {"public_ip_address": "192.0.2.7", "psc_dns_name": "", "x": "y"})
@@ -571,7 +510,7 @@ def test_bad_connection_info_answers(
     fragment: str,
 ) -> None:
     endpoint, script = scripted
-    chain, ca = _chain_for(key.public_key(), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    chain, ca = chain_for(key.public_key(), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     script.cert = (200, {"pemCertificateChain": chain, "caCert": ca})
     script.info = (200, info_body)
     assert fragment in str(_fetch_scripted(endpoint, pem))

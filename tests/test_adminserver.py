@@ -18,6 +18,7 @@ import requests
 from fastproxy.adminserver import AdminServer
 from fastproxy.errors import ConfigError
 from fastproxy.proxy import Proxy
+from tests.e2e_support import free_port
 
 COLLAPSED_LINE = re.compile(r"^(\S.*) (\d+)$")
 SECRETS: list[str] = []  # values only ever held in a parked thread's local variable
@@ -62,9 +63,7 @@ def test_binds_loopback_only_on_the_requested_port(
     srv, _ = admin(quitquitquit=True)
     assert srv.server_address == ("127.0.0.1", srv.port)
     assert srv.port > 0
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    free = free_port()
     other = AdminServer(free, quitquitquit=True, debug=False, on_quit=Quits())
     try:
         assert other.port == free

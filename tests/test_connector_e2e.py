@@ -24,7 +24,7 @@ import requests
 from cryptography import x509
 
 from tests.conftest import REPO, EmulatorProcess, ProxyProcess
-from tests.e2e_support import DEMO_URI, write_static_info
+from tests.e2e_support import DEMO_URI, echo_once, write_static_info
 
 pytestmark = pytest.mark.e2e
 
@@ -52,18 +52,6 @@ def _psql(port: int, sql: str, user: str, password: str) -> subprocess.Completed
         text=True,
         timeout=120,
     )
-
-
-def _echo_once(port: int, payload: bytes, timeout: float = 30) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        got = bytearray()
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return bytes(got)
-            got += chunk
 
 
 def _state(emu: EmulatorProcess) -> dict[str, Any]:
@@ -176,7 +164,7 @@ def test_unreachable_instance_is_one_clear_line(
 ) -> None:
     emu = emulator_factory("--backend", "echo", "--token", "t=u@example.com")
     proxy = proxy_factory(DEMO_URI, *_api_args(emu, "t"), "--dial-timeout", "5s")
-    assert _echo_once(proxy.port, b"ping") == b"ping"
+    assert echo_once(proxy.port, b"ping") == b"ping"
     # The emulator goes away: new connections fail with a clear reason, the proxy stays up.
     emu.stop()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as s:
@@ -326,7 +314,7 @@ def test_rotation_under_load(
         while not stop.is_set():
             payload = rnd.randbytes(rnd.randint(1, 32 * 1024))
             try:
-                got = _echo_once(proxy.port, payload)
+                got = echo_once(proxy.port, payload)
             except OSError as exc:
                 with lock:
                     churn_failed.append(repr(exc))
@@ -392,19 +380,19 @@ def test_admin_api_outage_longer_than_a_certificate(
         "--backend", "echo", "--token", "t=u@example.com", "--cert-lifetime", "60"
     )
     proxy = proxy_factory(DEMO_URI, *_api_args(emu, "t"))
-    assert _echo_once(proxy.port, b"before") == b"before"
+    assert echo_once(proxy.port, b"before") == b"before"
     fail = f"{emu.admin_endpoint}/_emulator/fail"
     requests.post(
         fail, json={"count": 100000, "status": 503, "message": "outage"}, timeout=30
     ).raise_for_status()
     outage_start = time.monotonic()
     # The last good certificate keeps serving while it is valid...
-    assert _echo_once(proxy.port, b"during") == b"during"
+    assert echo_once(proxy.port, b"during") == b"during"
     # ...then, once it has expired (60 s certificates), new connections fail with a clear cause.
     failed_clearly = False
     while time.monotonic() - outage_start < 90:
         try:
-            got = _echo_once(proxy.port, b"x", timeout=40)
+            got = echo_once(proxy.port, b"x", timeout=40)
         except OSError:
             got = b""
         if got == b"":
@@ -420,7 +408,7 @@ def test_admin_api_outage_longer_than_a_certificate(
     # Service resumes within one rate-limit window (30 s) plus the back-off, without a restart.
     while True:
         try:
-            if _echo_once(proxy.port, b"after", timeout=40) == b"after":
+            if echo_once(proxy.port, b"after", timeout=40) == b"after":
                 break
         except OSError:
             pass

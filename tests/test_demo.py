@@ -22,6 +22,7 @@ import pytest
 
 from fastproxy import demo
 from tests.conftest import REPO
+from tests.e2e_support import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +31,6 @@ STOP_TIMEOUT_S = 120.0
 PSQL_HINT = re.compile(r'psql "(host=127\.0\.0\.1 port=(\d+) user=postgres sslmode=disable)"')
 EMULATOR_READY = re.compile(r"demo: emulator ready \(pid (\d+)\).* PostgreSQL ([\d.]+):(\d+) ")
 PROXY_READY = re.compile(r"demo: proxy ready \(pid (\d+)\)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class DemoRun:
@@ -149,7 +144,7 @@ def _assert_clean(out: str) -> None:
 
 
 def test_demo_psql_then_ctrl_c(demos: list[DemoRun]) -> None:
-    port = _free_port()
+    port = free_port()
     d = _start(demos, port)
     emu = d.wait_for(EMULATOR_READY)
     emulator_pid, pg_host, pg_port = int(emu[1]), emu[2], int(emu[3])
@@ -202,7 +197,7 @@ def test_demo_busy_port_is_one_clear_line(demos: list[DemoRun]) -> None:
 def test_demo_proxy_flag_error_stops_the_emulator(demos: list[DemoRun]) -> None:
     """Flags after ``--`` go to the proxy; when it refuses them, the proxy's own line, then one
     demo line, exit 1, and the emulator (and its PostgreSQL) stopped."""
-    d = _start(demos, _free_port(), "--", "--no-such-flag")
+    d = _start(demos, free_port(), "--", "--no-such-flag")
     emu = d.wait_for(EMULATOR_READY)
     rc = d.finish()
     out = d.output()
@@ -226,7 +221,7 @@ def test_demo_proxy_flag_error_stops_the_emulator(demos: list[DemoRun]) -> None:
 def test_demo_child_dying_stops_the_other(
     demos: list[DemoRun], victim: str, last_line: str
 ) -> None:
-    d = _start(demos, _free_port())
+    d = _start(demos, free_port())
     emu = d.wait_for(EMULATOR_READY)
     pids = {"emulator": int(emu[1]), "proxy": int(d.wait_for(PROXY_READY)[1])}
     d.wait_for(PSQL_HINT)

@@ -43,14 +43,19 @@ from fastproxy.loop import Loop
 from fastproxy.proxy import Proxy
 from fastproxy.refresh import Refresher, RefreshingSource
 from fastproxy.source import DialInfo, StaticSource, static_dial_info
-from tests.conftest import EmulatorProcess
-from tests.e2e_support import DEMO_URI, login_without_password, query_message, read_message
+from tests.conftest import EmulatorProcess, echo_emulator
+from tests.e2e_support import (
+    DEMO_URI,
+    login_without_password,
+    query_message,
+    read_message,
+    recv_exactly,
+)
 from tests.fault_support import (
     FakeInstance,
     Peer,
     admin_interposer,
     client_key,
-    recv_exactly,
     server_context,
 )
 from tests.inproc_support import (
@@ -405,17 +410,7 @@ SHORT = URI.short
 
 @pytest.fixture(scope="module")
 def api_emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
-    from tests.conftest import start_emulator_process
-
-    emu = start_emulator_process(
-        tmp_path_factory.mktemp("faults-api"),
-        "--backend",
-        "echo",
-        "--token",
-        f"{API_TOKEN}={API_PRINCIPAL}",
-    )
-    yield emu
-    emu.stop()
+    yield from echo_emulator(tmp_path_factory.mktemp("faults-api"), f"{API_TOKEN}={API_PRINCIPAL}")
 
 
 def emu_post(emu: EmulatorProcess, name: str, body: dict[str, Any] | None = None) -> None:

@@ -39,7 +39,14 @@ from fastproxy.stats import (
     RefreshSnapshot,
 )
 from tests.conftest import EmulatorProcess, ProxyProcess
-from tests.e2e_support import DEMO_URI, rewrite_address, write_static_info
+from tests.e2e_support import (
+    DEMO_URI,
+    free_port,
+    http_status,
+    rewrite_address,
+    static_args,
+    write_static_info,
+)
 from tests.inproc_support import (
     WAIT_S,
     connect,
@@ -528,13 +535,7 @@ def test_health_and_metrics_end_to_end(
 ) -> None:
     static = write_static_info(emulator_echo, "echo-token", tmp_path / "static.json")
     proxy = proxy_factory(
-        DEMO_URI,
-        "--static-connection-info",
-        str(static),
-        "--token",
-        "echo-token",
-        "--port",
-        "0",
+        *static_args(static, "echo-token"),
         "--health-check",
         "--prometheus",
         "--http-port",
@@ -593,42 +594,24 @@ def test_health_and_metrics_end_to_end(
     assert proxy.stop() == 143  # SIGTERM, as the Auth Proxy (without --exit-zero-sigterm)
 
 
-def _free_http_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _startup_status(port: int) -> int:
-    try:
-        return requests.get(f"http://localhost:{port}/startup", timeout=2).status_code
-    except requests.ConnectionError:
-        return -1
-
-
 @pytest.mark.e2e
 def test_with_backend_check_startup_waits_for_a_successful_dial(
     emulator_echo: EmulatorProcess, proxy_factory: Callable[..., ProxyProcess], tmp_path: Path
 ) -> None:
     static = write_static_info(emulator_echo, "echo-token", tmp_path / "static.json")
-    port = _free_http_port()
+    port = free_port()
+    startup = f"http://localhost:{port}/startup"
     proxy_factory(
-        DEMO_URI,
-        "--static-connection-info",
-        str(static),
-        "--token",
-        "echo-token",
-        "--port",
-        "0",
+        *static_args(static, "echo-token"),
         "--health-check",
         "--http-port",
         str(port),
         "--with-backend-check",
     )
     deadline = time.monotonic() + 30
-    while _startup_status(port) != 200 and time.monotonic() < deadline:
+    while http_status(startup) != 200 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _startup_status(port) == 200
+    assert http_status(startup) == 200
 
 
 @pytest.mark.e2e
@@ -637,15 +620,10 @@ def test_with_backend_check_startup_stays_503_while_the_instance_is_unreachable(
 ) -> None:
     static = write_static_info(emulator_echo, "echo-token", tmp_path / "static.json")
     rewrite_address(static, DEMO_URI, dead_address())
-    port = _free_http_port()
+    port = free_port()
+    startup = f"http://localhost:{port}/startup"
     proxy = proxy_factory(
-        DEMO_URI,
-        "--static-connection-info",
-        str(static),
-        "--token",
-        "echo-token",
-        "--port",
-        "0",
+        *static_args(static, "echo-token"),
         "--health-check",
         "--http-port",
         str(port),
@@ -655,7 +633,7 @@ def test_with_backend_check_startup_stays_503_while_the_instance_is_unreachable(
     )
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
-        assert _startup_status(port) == 503
+        assert http_status(startup) == 503
         time.sleep(0.2)
     assert "Backend check failed" in proxy.output()
     assert requests.get(f"http://localhost:{port}/liveness", timeout=2).status_code == 200

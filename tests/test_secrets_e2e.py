@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import EmulatorProcess, ProxyProcess
-from tests.e2e_support import DEMO_URI, write_static_info
+from tests.e2e_support import DEMO_URI, echo_once, static_args, write_static_info
 
 SECRET = "tok-Zq8x3VbN1mW7pL0kR4sT9yU2"
 
 
 def _traffic(port: int) -> None:
     for i in range(5):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            payload = f"payload {i}".encode()
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            got = b""
-            while chunk := s.recv(4096):
-                got += chunk
-            assert got == payload
+        payload = f"payload {i}".encode()
+        assert echo_once(port, payload) == payload
 
 
 def _key_fragments(pem: str) -> list[str]:
@@ -86,13 +79,7 @@ def test_static_info_debug_logs_hold_no_key(
     fragments = _key_fragments(data["privateKey"])
     assert fragments
     proxy = proxy_factory(
-        DEMO_URI,
-        "--static-connection-info",
-        str(static),
-        "--token",
-        "echo-token",
-        "--port",
-        "0",
+        *static_args(static, "echo-token"),
         "--debug-logs",
     )
     _traffic(proxy.port)

@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import socket
 import stat
 import struct
@@ -46,7 +45,7 @@ from fastproxy.refresh import LazySource, RefreshingSource, _default_context_fac
 from fastproxy.source import DialInfo, static_dial_info
 from fastproxy.tls import TLSClientSession
 from fastproxy.tlsctx import build_client_context
-from tests.conftest import REPO, EmulatorProcess, start_emulator_process
+from tests.conftest import REPO, EmulatorProcess, echo_emulator, stop_process
 from tests.e2e_support import DEMO_URI, write_static_info
 from tests.fault_support import client_key, fake_dial_info
 from tests.inproc_support import connect, echo, recv_eof, wait_until
@@ -160,15 +159,8 @@ def test_no_flag_setting_or_parameter_turns_verification_off() -> None:
 
 @pytest.fixture(scope="module")
 def secret_emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
-    emu = start_emulator_process(
-        tmp_path_factory.mktemp("security"),
-        "--backend",
-        "echo",
-        "--token",
-        f"{SECRET}=secret-user@example.com",
-    )
-    yield emu
-    emu.stop()
+    tmp = tmp_path_factory.mktemp("security")
+    yield from echo_emulator(tmp, f"{SECRET}=secret-user@example.com")
 
 
 _AUDIT = r"""
@@ -231,16 +223,10 @@ class Proc:
         return int(m.group(1))
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc)
         for t in self._threads:
             t.join(timeout=10)
-        return int(self.proc.returncode)
+        return rc
 
 
 def _proxy_argv(*args: str, audit: bool = False) -> list[str]:

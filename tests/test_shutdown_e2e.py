@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.conftest import REPO, EmulatorProcess, ProxyProcess, start_proxy_process
-from tests.e2e_support import DEMO_URI, write_static_info
+from tests.e2e_support import free_port, http_status, static_args, write_static_info
 from tests.inproc_support import ECHO_TOKEN, connect, echo, recv_eof
 
 
@@ -27,22 +26,7 @@ def static_file(emulator_echo: EmulatorProcess, tmp_path: Path) -> Path:
 
 
 def _start(static: Path, *extra: str) -> ProxyProcess:
-    return start_proxy_process(
-        DEMO_URI,
-        "--static-connection-info",
-        str(static),
-        "--token",
-        ECHO_TOKEN,
-        "--port",
-        "0",
-        *extra,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return start_proxy_process(*static_args(static, ECHO_TOKEN), *extra)
 
 
 def _wait_exit(proxy: ProxyProcess, timeout: float = 30) -> int:
@@ -50,13 +34,6 @@ def _wait_exit(proxy: ProxyProcess, timeout: float = 30) -> int:
     if proxy.drainer is not None:
         proxy.drainer.join(timeout=10)
     return int(rc)
-
-
-def _status(url: str) -> int:
-    try:
-        return requests.get(url, timeout=2).status_code
-    except requests.ConnectionError:
-        return -1
 
 
 def _refused(port: int) -> bool:
@@ -100,7 +77,7 @@ def test_exit_codes(
 def test_drain_waits_for_open_connections_then_exits(static_file: Path) -> None:
     """min delay: still accepting; then readiness 503 and listeners closed; an open connection
     keeps working until it closes, and the process exits right after it (well before max)."""
-    http_port = _free_port()
+    http_port = free_port()
     proxy = _start(
         static_file,
         "--health-check",
@@ -113,7 +90,7 @@ def test_drain_waits_for_open_connections_then_exits(static_file: Path) -> None:
     )
     base = f"http://localhost:{http_port}"
     try:
-        assert _status(base + "/readiness") == 200
+        assert http_status(base + "/readiness") == 200
         held = connect(proxy.port)
         echo(held, b"held across the drain")
         t0 = time.monotonic()
@@ -123,13 +100,13 @@ def test_drain_waits_for_open_connections_then_exits(static_file: Path) -> None:
         late = connect(proxy.port)
         echo(late, b"accepted during the min delay")
         late.close()
-        assert _status(base + "/readiness") == 200
+        assert http_status(base + "/readiness") == 200
         # After the min delay: readiness 503, the listener is closed.
         deadline = time.monotonic() + 10
-        while _status(base + "/readiness") != 503 and time.monotonic() < deadline:
+        while http_status(base + "/readiness") != 503 and time.monotonic() < deadline:
             time.sleep(0.05)
         t_unready = time.monotonic() - t0
-        assert _status(base + "/readiness") == 503
+        assert http_status(base + "/readiness") == 503
         assert 1.5 <= t_unready <= 6, t_unready
         deadline = time.monotonic() + 5
         while not _refused(proxy.port) and time.monotonic() < deadline:
@@ -207,7 +184,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.e2e
 def test_wait_then_shutdown_subcommands(static_file: Path) -> None:
-    http_port, admin_port = _free_port(), _free_port()
+    http_port, admin_port = free_port(), free_port()
     proxy = _start(
         static_file,
         "--health-check",
@@ -251,13 +228,7 @@ def test_systemd_ready_notification(static_file: Path, tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "fastproxy",
-            DEMO_URI,
-            "--static-connection-info",
-            str(static_file),
-            "--token",
-            ECHO_TOKEN,
-            "--port",
-            "0",
+            *static_args(static_file, ECHO_TOKEN),
         ],
         cwd=str(REPO),
         env={**__import__("os").environ, "NOTIFY_SOCKET": str(path)},

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import re
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,18 +14,8 @@ import pytest
 import requests
 
 from tests.conftest import EmulatorProcess, ProxyProcess, start_proxy_process
-from tests.e2e_support import DEMO_URI, write_static_info
+from tests.e2e_support import DEMO_URI, echo_once, static_args, write_static_info
 from tests.inproc_support import ECHO_TOKEN
-
-
-def _echo_once(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        got = bytearray()
-        while chunk := s.recv(65536):
-            got += chunk
-        return bytes(got)
 
 
 def _served(out: str) -> dict[int, int]:
@@ -43,22 +32,12 @@ def test_two_workers_share_the_port_and_both_accept(
     emulator_echo: EmulatorProcess, tmp_path: Path
 ) -> None:
     static = write_static_info(emulator_echo, ECHO_TOKEN, tmp_path / "static.json")
-    proxy = start_proxy_process(
-        DEMO_URI,
-        "--static-connection-info",
-        str(static),
-        "--token",
-        ECHO_TOKEN,
-        "--port",
-        "0",
-        "--workers",
-        "2",
-    )
+    proxy = start_proxy_process(*static_args(static, ECHO_TOKEN), "--workers", "2")
     try:
         assert len(_worker_pids(proxy)) == 2
         for i in range(80):
             payload = f"connection {i}".encode() * 50
-            assert _echo_once(proxy.port, payload) == payload
+            assert echo_once(proxy.port, payload) == payload
         rc = proxy.stop(signal.SIGTERM)
     finally:
         proxy.stop(signal.SIGKILL)
@@ -100,7 +79,7 @@ def test_certificate_rotation_reaches_every_worker(
         while time.monotonic() < end:
             payload = f"rotation {count}".encode() * 100
             try:
-                if _echo_once(proxy.port, payload) != payload:
+                if echo_once(proxy.port, payload) != payload:
                     failures.append(f"corrupted echo {count}")
             except OSError as exc:
                 failures.append(repr(exc))
