@@ -1,4 +1,4 @@
-"""The event loop: one thread, one ``selectors`` selector (epoll on Linux), timers, a call queue.
+"""The event loop: one thread, epoll (or any ``selectors`` selector), timers, a call queue.
 
 The loop knows file descriptors and time, nothing else: no TLS, no protocol, no buffers. Everything
 it owns (the selector, the timer heap, the ready queue, the registrations) is touched only by the
@@ -7,9 +7,13 @@ thread that runs it. There is exactly one way in from another thread:
 
 Registration and interest
 =========================
-:meth:`Loop.register` stores the handler object as the selector key's ``data``, so dispatching an
-event is ``key.data.on_readable()``: no lookup table keyed by fd, no closure, no per-event
-allocation beyond the ``(key, events)`` list that ``selectors`` itself builds.
+On Linux the loop drives an ``epoll`` object itself (``select.epoll``); elsewhere, or when a
+``selectors`` selector is passed in (tests do, to spy on it), it goes through that selector.
+Profiling the 64-connection ping-pong showed ``selectors.EpollSelector.select`` building a
+``(key, events)`` tuple per event (a method call and a dict lookup each) only for the loop to look
+the fd up again in its own table; polling epoll directly leaves one lookup per event
+(``perf/bench_loop.py``: see the commit that made the change). Either way the loop's own table,
+fd -> ``_Registration(handler, mask)``, is what dispatch uses: ``regs[fd].handler.on_readable()``.
 
 The loop caches the current interest mask of each fd. :meth:`Loop.modify` returns at once when the
 mask does not change, so callers may state their wanted interest after every event without paying
@@ -18,9 +22,11 @@ Interest "nothing" (neither read nor write) is allowed: ``selectors`` refuses a 
 an fd is kept in the loop's table but removed from the epoll set, and re-added when interest
 returns.
 
-Events for an fd that was unregistered (or unregistered and reused by a new registration) earlier
-in the same batch are dropped; a writable event is dropped when the readable handler that ran just
-before it turned write interest off. Spurious events are still possible in general (level-triggered
+Events are masked with the interest in effect when they are dispatched: an error or hang-up
+(``EPOLLERR``/``EPOLLHUP``) counts as both readable and writable, as in ``selectors``. Events for
+an fd that was unregistered (or unregistered and reused by a new registration) earlier in the same
+batch are dropped; a writable event is dropped when the readable handler that ran just before it
+turned write interest off. Spurious events are still possible in general (level-triggered
 readiness can be stale by the time the handler runs), so handlers use non-blocking sockets and treat
 ``BlockingIOError`` as "not yet".
 
@@ -77,6 +83,7 @@ import heapq
 import itertools
 import logging
 import resource
+import select
 import selectors
 import socket
 import time
@@ -100,6 +107,13 @@ log = logging.getLogger("fastproxy.loop")
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
+# What dispatch works with: epoll's event bits (the selectors fallback is translated to them).
+_EPOLLIN = getattr(select, "EPOLLIN", 0x001)
+_EPOLLOUT = getattr(select, "EPOLLOUT", 0x004)
+_NOT_OUT = ~_EPOLLOUT  # readable: IN, or ERR/HUP
+_NOT_IN = ~_EPOLLIN  # writable: OUT, or ERR/HUP
+#: Loop interest mask (EVENT_READ | EVENT_WRITE) -> epoll event bits.
+_TO_EPOLL = (0, _EPOLLIN, _EPOLLOUT, _EPOLLIN | _EPOLLOUT)
 _monotonic = time.monotonic
 
 #: Compact the timer heap only when more than this many cancelled entries are in it (and they are
@@ -220,10 +234,18 @@ class Loop:
     """A single-threaded selectors loop with a timer heap and a thread-safe call queue."""
 
     def __init__(self, selector: selectors.BaseSelector | None = None) -> None:
-        self._selector: selectors.BaseSelector = (
-            selector if selector is not None else selectors.DefaultSelector()
-        )
+        # Exactly one of the two: our own epoll (Linux, the default), or a selectors selector.
+        self._epoll: Any = None
+        self._selector: selectors.BaseSelector | None = None
+        if selector is None and hasattr(select, "epoll"):
+            self._epoll = select.epoll()
+        else:
+            self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._regs: dict[int, _Registration] = {}
+        # fds unregistered while a batch of events is being dispatched: their remaining events in
+        # that batch are stale (the fd number may already belong to a new registration).
+        self._dispatching = False
+        self._stale: set[int] = set()
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._timer_seq = itertools.count()
         self._cancelled_timers = 0
@@ -259,9 +281,23 @@ class Loop:
             raise KeyError(f"fd {fd} is already registered")
         mask = (_READ if read else 0) | (_WRITE if write else 0)
         if mask:
-            self._selector.register(fd, mask, handler)
+            self._watch(fd, mask, handler)
         self._regs[fd] = _Registration(handler, mask)
         return fd
+
+    def _watch(self, fd: int, mask: int, handler: Handler) -> None:
+        if self._epoll is not None:
+            self._epoll.register(fd, _TO_EPOLL[mask])
+        else:
+            assert self._selector is not None
+            self._selector.register(fd, mask, handler)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._epoll is not None:
+            self._epoll.unregister(fd)
+        else:
+            assert self._selector is not None
+            self._selector.unregister(fd)
 
     def modify(self, fd: FileLike, read: bool, write: bool) -> None:
         """Set the interest of a registered fd; a no-op (no syscall) when it does not change."""
@@ -273,10 +309,13 @@ class Loop:
         if mask == old:
             return
         if not old:
-            self._selector.register(fd, mask, reg.handler)
+            self._watch(fd, mask, reg.handler)
         elif not mask:
-            self._selector.unregister(fd)
+            self._unwatch(fd)
+        elif self._epoll is not None:
+            self._epoll.modify(fd, _TO_EPOLL[mask])
         else:
+            assert self._selector is not None
             # Pass the handler again: selectors.modify() replaces the key's data with its argument.
             self._selector.modify(fd, mask, reg.handler)
         reg.mask = mask
@@ -289,7 +328,9 @@ class Loop:
             raise ValueError("the wake-up socket belongs to the loop")
         reg = self._regs.pop(fd)
         if reg.mask:
-            self._selector.unregister(fd)
+            self._unwatch(fd)
+        if self._dispatching:
+            self._stale.add(fd)
 
     def is_registered(self, fd: int) -> bool:
         return fd in self._regs
@@ -323,9 +364,8 @@ class Loop:
 
     def _timer_cancelled(self) -> None:
         self._cancelled_timers += 1
-        if (
-            self._cancelled_timers > COMPACT_MIN_CANCELLED
-            and self._cancelled_timers * 2 > len(self._timers)
+        if self._cancelled_timers > COMPACT_MIN_CANCELLED and self._cancelled_timers * 2 > len(
+            self._timers
         ):
             self._compact_timers()
 
@@ -430,28 +470,42 @@ class Loop:
         wait = self._select_timeout()
         if timeout is not None and (wait is None or timeout < wait):
             wait = timeout if timeout > 0.0 else 0.0
-        events = self._selector.select(wait)
+        if self._epoll is not None:
+            events: list[tuple[int, int]] = self._epoll.poll(wait)
+        else:
+            events = self._select(wait)
         self.heartbeat = began = _monotonic()
         done = len(events)
 
-        regs = self._regs
-        for key, mask in events:
-            handler = key.data
-            fd = key.fd
-            reg = regs.get(fd)
-            if reg is None or reg.handler is not handler:
-                continue  # unregistered (maybe re-registered) by an earlier handler in this batch
-            if mask & _READ:
-                try:
-                    handler.on_readable()
-                except Exception:
-                    log.exception("unhandled exception in %r.on_readable (fd %d)", handler, fd)
-                if not mask & _WRITE or regs.get(fd) is not reg or not reg.mask & _WRITE:
-                    continue
+        if events:
+            regs, stale = self._regs, self._stale
+            self._dispatching = True
             try:
-                handler.on_writable()
-            except Exception:
-                log.exception("unhandled exception in %r.on_writable (fd %d)", handler, fd)
+                for fd, ev in events:
+                    reg = regs.get(fd)
+                    if reg is None or (stale and fd in stale):
+                        continue  # unregistered (maybe reused) by an earlier handler in this batch
+                    if ev & _NOT_OUT and reg.mask & _READ:
+                        try:
+                            reg.handler.on_readable()
+                        except Exception:
+                            log.exception(
+                                "unhandled exception in %r.on_readable (fd %d)", reg.handler, fd
+                            )
+                        if not ev & _NOT_IN or not reg.mask & _WRITE or (stale and fd in stale):
+                            continue
+                    elif not (ev & _NOT_IN and reg.mask & _WRITE):
+                        continue
+                    try:
+                        reg.handler.on_writable()
+                    except Exception:
+                        log.exception(
+                            "unhandled exception in %r.on_writable (fd %d)", reg.handler, fd
+                        )
+            finally:
+                self._dispatching = False
+                if stale:
+                    stale.clear()
 
         timers = self._timers
         if timers and timers[0][0] <= _monotonic() + self._clock_resolution:
@@ -470,6 +524,14 @@ class Loop:
                     log.exception("unhandled exception in callback %r", fn)
         self.iteration_latency.observe(_monotonic() - began)
         return done
+
+    def _select(self, wait: float | None) -> list[tuple[int, int]]:
+        """The ``selectors`` fallback, translated to ``(fd, epoll event bits)``."""
+        assert self._selector is not None
+        return [
+            (key.fd, (_EPOLLIN if mask & _READ else 0) | (_EPOLLOUT if mask & _WRITE else 0))
+            for key, mask in self._selector.select(wait)
+        ]
 
     def _run_due_timers(self) -> int:
         timers = self._timers
@@ -505,7 +567,11 @@ class Loop:
         if self._running:
             raise RuntimeError("cannot close a running loop")
         self._closed = True
-        self._selector.close()
+        if self._epoll is not None:
+            self._epoll.close()
+        else:
+            assert self._selector is not None
+            self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
         self._regs.clear()
