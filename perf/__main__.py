@@ -40,6 +40,17 @@ def _versions() -> dict[str, str]:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    # fastproxy and the Python peers' TLS: the OpenSSL inside the cryptography wheel (pyOpenSSL)
+    # and the one the standard library's ssl links, which need not be the system's (haproxy's).
+    try:
+        from OpenSSL import SSL
+
+        out["openssl (pyOpenSSL)"] = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+    except ImportError:
+        out["openssl (pyOpenSSL)"] = "not installed"
+    import ssl
+
+    out["openssl (stdlib ssl)"] = ssl.OPENSSL_VERSION
     return out
 
 

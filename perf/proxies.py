@@ -207,11 +207,23 @@ def _haproxy_config(t: Target, port: int, ip: str, certs: CertFiles, workdir: Pa
     return cfg
 
 
-def start_proxy(t: Target, up: Upstream, service: str, workdir: Path) -> tuple[procs.Child, int]:
-    """Start the proxy of row ``t`` in front of upstream ``service`` ("echo" or "pg")."""
+def start_proxy(
+    t: Target, up: Upstream, service: str, workdir: Path, also: str = ""
+) -> tuple[procs.Child, list[int]]:
+    """Start the proxy of row ``t`` in front of upstream ``service`` ("echo" or "pg"); returns
+    it and its local ports. ``also`` (fastproxy rows only): a second instance, e.g. "echo2"
+    (behind its own upstream process), on a second port: one proxy serving two instances, for
+    holds beyond one upstream process's descriptors."""
     upstream_name = f"{service}-mdx" if t.mdx else service
     ip = up.addresses[upstream_name]
     port = procs.free_port()
+    ports = [port]
+    extra_uris: list[str] = []
+    if also:
+        if t.launcher != "fastproxy":
+            raise ValueError("only fastproxy rows serve two instances")
+        ports.append(procs.free_port())
+        extra_uris.append(f"{URI_PREFIX}{also}?port={ports[1]}")
     certs = up.certs
     name = f"{t.name}-{service}-{port}"
     common = [
@@ -233,6 +245,7 @@ def start_proxy(t: Target, up: Upstream, service: str, workdir: Path) -> tuple[p
             str(port),
             *t.fastproxy_args,
             URI_PREFIX + upstream_name,
+            *extra_uris,
         ],
         "stunnel": lambda: [
             shutil.which("stunnel4") or "stunnel",
@@ -267,5 +280,6 @@ def start_proxy(t: Target, up: Upstream, service: str, workdir: Path) -> tuple[p
     }
     argv = starters[t.launcher]()
     child = procs.start(name, argv, workdir, cwd=REPO)
-    procs.wait_tcp(child, "127.0.0.1", port, timeout=30)
-    return child, port
+    for p in ports:
+        procs.wait_tcp(child, "127.0.0.1", p, timeout=30)
+    return child, ports

@@ -52,6 +52,9 @@ class Plan:
     conn_threads: int = 4
     conn_count_cap: int = 20_000
     hold_sizes: tuple[int, ...] = (1000, 5000, 9500)
+    #: Rows with ``--workers``: one more hold this size, split over two instances (two ports,
+    #: two upstream haproxy processes; see perf/upstream.py), 0 = none.
+    hold_workers: int = 19_000
     hold_open_timeout: float = 240.0
     pg_scale: int = 10
     pg_clients: tuple[int, ...] = (1, 16, 64)
@@ -72,6 +75,7 @@ class Plan:
                 pp_seconds=1.0,
                 conn_seconds=1.0,
                 hold_sizes=(1000,),
+                hold_workers=0,
                 hold_open_timeout=60.0,
                 rounds=1,
                 pg_scale=1,
@@ -207,7 +211,7 @@ def rows_running(env: Env, targets: list[Target], service: str) -> Iterator[list
                 running.append(Running(t, None, 0))
                 continue
             try:
-                child, port = start_proxy(t, env.upstream, service, env.workdir)
+                child, (port, *_) = start_proxy(t, env.upstream, service, env.workdir)
             except procs.StartError as exc:
                 env.notes.append(f"{t.name}: could not start for {service}: {exc}")
                 env.progress.note(f"{t.name}: could not start: {exc}")
@@ -306,57 +310,91 @@ def hold_section(env: Env, target: Target) -> None:
         with rows_running(env, [target], "echo") as rows:
             if not rows:
                 return
-            pid, port = rows[0].pid, rows[0].port
-            # Warm-up: a few connections so lazily built state exists before the baseline.
-            run_loadgen(
-                _loadgen_argv(env, target, port, "connrate", "--conns", "1", "--count", "20"), 60
-            )
-            time.sleep(0.3)
-            rss0, threads0 = procs.rss_bytes(pid), procs.thread_count(pid)
-            cpu0 = procs.cpu_seconds(pid)
+            _hold(env, target, rows[0].pid, [rows[0].port], n)
+    if plan.hold_workers and "--workers" in target.fastproxy_args:
+        n = plan.hold_workers
+        env.progress.step(f"{target.name}: hold {n} idle connections over two instances")
+        try:
+            child, ports = start_proxy(target, env.upstream, "echo", env.workdir, also="echo2")
+        except procs.StartError as exc:
+            env.record(target=target.name, test=f"hold-{n}", conns=n, error=str(exc))
+            return
+        try:
+            _hold(env, target, child.pid, ports, n)
+        finally:
+            procs.stop(child)
+
+
+def _hold(env: Env, target: Target, pid: int, ports: list[int], n: int) -> None:
+    """Hold ``n`` idle connections, split evenly over ``ports`` (one load generator each: a
+    process may have 20,000 descriptors), and record the proxy's RSS per connection."""
+    plan = env.plan
+    # Warm-up: a few connections so lazily built state exists before the baseline.
+    for port in ports:
+        run_loadgen(
+            _loadgen_argv(env, target, port, "connrate", "--conns", "1", "--count", "20"), 60
+        )
+    time.sleep(0.3)
+    rss0, threads0 = procs.rss_bytes(pid), procs.thread_count(pid)
+    cpu0 = procs.cpu_seconds(pid)
+    shares = [n // len(ports) + (1 if i < n % len(ports) else 0) for i in range(len(ports))]
+    rec: dict[str, Any] = {"target": target.name, "test": f"hold-{n}", "conns": n}
+    if len(ports) > 1:
+        rec["instances"] = len(ports)
+    gens: list[procs.Child] = []
+    try:
+        for i, (port, share) in enumerate(zip(ports, shares, strict=True)):
             argv = _loadgen_argv(
                 env,
                 target,
                 port,
                 "hold",
                 "--conns",
-                str(n),
+                str(share),
                 "--size",
                 str(plan.pp_size),
                 "--duration",
                 str(plan.hold_open_timeout),
             )
-            lg = procs.start(
-                f"loadgen-hold-{target.name}-{n}",
-                argv,
-                env.workdir,
-                stdin=subprocess.PIPE,
-                capture_stdout=True,
+            gens.append(
+                procs.start(
+                    f"loadgen-hold-{target.name}-{n}-{i}",
+                    argv,
+                    env.workdir,
+                    stdin=subprocess.PIPE,
+                    capture_stdout=True,
+                )
             )
-            rec: dict[str, Any] = {"target": target.name, "test": f"hold-{n}", "conns": n}
-            try:
-                assert lg.proc.stdout is not None and lg.proc.stdin is not None
-                line = _read_line(lg.proc.stdout, plan.hold_open_timeout + 30)
-                if not line.startswith("{"):
-                    rec["error"] = f"no ready line from loadgen: {line!r} {lg.log_tail(300)}"
-                else:
-                    rec.update(json.loads(line))
-                    time.sleep(0.5)  # let the proxy settle (threads started, buffers freed)
-                    rss1 = procs.rss_bytes(pid)
-                    rec["proxy_rss_before"] = rss0
-                    rec["proxy_rss_after"] = rss1
-                    rec["proxy_threads_before"] = threads0
-                    rec["proxy_threads_after"] = procs.thread_count(pid)
-                    rec["proxy_cpu_s"] = procs.cpu_seconds(pid) - cpu0
-                    ready = int(rec.get("ready", 0))
-                    if ready:
-                        rec["rss_per_conn"] = (rss1 - rss0) / ready
-                    if ready < n:
-                        rec["error"] = f"only {ready} of {n} connections opened"
-                with_timeout_close(lg)
-            finally:
-                procs.stop(lg)
-            env.record(**rec)
+        ready = failed = 0
+        for lg in gens:
+            assert lg.proc.stdout is not None
+            line = _read_line(lg.proc.stdout, plan.hold_open_timeout + 30)
+            if not line.startswith("{"):
+                rec["error"] = f"no ready line from loadgen: {line!r} {lg.log_tail(300)}"
+                break
+            got = json.loads(line)
+            ready += int(got.get("ready", 0))
+            failed += int(got.get("failed", 0))
+            rec["seconds"] = max(float(rec.get("seconds", 0.0)), float(got.get("seconds", 0.0)))
+        else:
+            rec.update(mode="hold", ready=ready, failed=failed)
+            time.sleep(0.5)  # let the proxy settle (threads started, buffers freed)
+            rss1 = procs.rss_bytes(pid)
+            rec["proxy_rss_before"] = rss0
+            rec["proxy_rss_after"] = rss1
+            rec["proxy_threads_before"] = threads0
+            rec["proxy_threads_after"] = procs.thread_count(pid)
+            rec["proxy_cpu_s"] = procs.cpu_seconds(pid) - cpu0
+            if ready:
+                rec["rss_per_conn"] = (rss1 - rss0) / ready
+            if ready < n:
+                rec["error"] = f"only {ready} of {n} connections opened"
+        for lg in gens:
+            with_timeout_close(lg)
+    finally:
+        for lg in gens:
+            procs.stop(lg)
+    env.record(**rec)
 
 
 def with_timeout_close(lg: procs.Child) -> None:
@@ -450,6 +488,8 @@ def count_steps(plan: Plan, targets: list[Target], sections: set[str]) -> int:
     for t in targets:
         if "hold" in sections and t.kind == "proxy":
             n += len(plan.hold_sizes)
+            if plan.hold_workers and "--workers" in t.fastproxy_args:
+                n += 1
         if "pgbench" in sections and t.kind != "direct":
             n += len(plan.pg_modes) * len(plan.pg_clients)
     return n

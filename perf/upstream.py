@@ -12,7 +12,13 @@
   echo       127.0.0.<b+1>:5433    sink
   pg-mdx     127.0.0.<b+2>:5433    sink relay to PostgreSQL, exchange first
   pg         127.0.0.<b+3>:5433    sink relay to PostgreSQL
+  echo2      127.0.0.<b+4>:5433    sink, through a second haproxy process
   ========== ===================== ===============================
+
+  ``echo2`` exists for the 19,000-connection hold of ``--workers 2``: a proxied connection costs
+  the upstream haproxy two descriptors too, and one process may have 20,000, so the second half
+  of those connections goes through a second haproxy process (the sink holds one descriptor per
+  connection and takes all 19,000).
 
   ``b`` is 21 unless something already listens there. No session tickets and no session
   cache on the server: every peer pays a full handshake per connection, as fastproxy does.
@@ -36,7 +42,9 @@ HERE = Path(__file__).resolve().parent
 C_DIR = HERE / "c"
 UPSTREAM_PORT = 5433
 BASES = (21, 61, 101, 141, 181, 221)
-NAMES = ("echo-mdx", "echo", "pg-mdx", "pg")
+NAMES = ("echo-mdx", "echo", "pg-mdx", "pg", "echo2")
+#: Served by the second haproxy process (see the module docstring).
+SECOND_PROCESS = ("echo2",)
 HAPROXY_MAXCONN = 9900  # 2 descriptors per connection under the 20,000 hard limit
 UPSTREAM_THREADS = min(os.cpu_count() or 1, 4)
 
@@ -117,8 +125,15 @@ class Upstream:
         hp = procs.start("haproxy-upstream", ["haproxy", "-db", "-f", str(cfg)], self.workdir)
         self.children.append(hp)
         procs.wait_tcp(hp, self.addresses["echo"], UPSTREAM_PORT)
+        cfg2 = self.workdir / "haproxy-upstream-2.cfg"
+        cfg2.write_text(self._haproxy_config(with_postgres, SECOND_PROCESS))
+        hp2 = procs.start("haproxy-upstream-2", ["haproxy", "-db", "-f", str(cfg2)], self.workdir)
+        self.children.append(hp2)
+        procs.wait_tcp(hp2, self.addresses["echo2"], UPSTREAM_PORT)
 
-    def _haproxy_config(self, with_postgres: bool) -> str:
+    def _haproxy_config(self, with_postgres: bool, names: tuple[str, ...] = ()) -> str:
+        """The configuration of the haproxy process serving ``names`` (default: all but the
+        second process's)."""
         c = self.certs
         lines = [
             "global",
@@ -133,7 +148,7 @@ class Upstream:
             "    timeout server 10m",
             f"    maxconn {HAPROXY_MAXCONN}",
         ]
-        for name in NAMES:
+        for name in names or tuple(n for n in NAMES if n not in SECOND_PROCESS):
             if name.startswith("pg") and not with_postgres:
                 continue
             lines += [
@@ -169,9 +184,21 @@ def tool_versions() -> dict[str, str]:
         text = (r.stdout + r.stderr).strip().splitlines()
         return text[0] if text else ""
 
+    def stunnel_line() -> str:
+        # stunnel prints its configuration notes first; the version line names the platform.
+        exe = shutil.which("stunnel4") or shutil.which("stunnel")
+        if exe is None:
+            return "not installed"
+        try:
+            r = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"error: {exc}"
+        lines = (r.stdout + r.stderr).splitlines()
+        return next((ln.strip() for ln in lines if " on " in ln and "stunnel" in ln), "")
+
     return {
         "haproxy": first_line(["haproxy", "-v"]),
-        "stunnel": first_line(["stunnel", "-version"]),
+        "stunnel": stunnel_line(),
         "openssl": first_line(["openssl", "version"]),
         "gcc": first_line(["gcc", "--version"]),
         "pgbench": first_line(["pgbench", "--version"]),
