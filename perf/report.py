@@ -473,7 +473,7 @@ def charts(outdir: Path, records: Records, targets: list[Target]) -> list[Path]:
         present,
         log=True,
     )
-    holds = sorted(k for k in fig_values if k.startswith("hold-"))
+    holds = sorted((k for k in fig_values if k.startswith("hold-")), key=lambda k: int(k[5:]))
     grouped(
         "memory.png",
         "Proxy RSS per idle connection (KiB)",
