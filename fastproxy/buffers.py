@@ -426,6 +426,31 @@ class SendQueue:
                 return False
         return True
 
+    def send_or_push(self, sock: socket.socket, item: Slab | bytes) -> None:
+        """Queue ``item`` and flush; when nothing is queued ahead of it (the usual case for a
+        request or its reply), send it straight away and queue only what the kernel left, with
+        no queue bookkeeping. A fully sent slab goes back to the pool at once. Real socket
+        errors are raised as ``OSError`` (the item is then queued, for :meth:`clear`)."""
+        if self._items:
+            self.push(item)
+            self.flush_to(sock)
+            return
+        data = item.view[item.start : item.end] if isinstance(item, Slab) else item
+        n = len(data)
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.push(item)
+            raise
+        if sent == n:
+            if type(item) is Slab:
+                self._pool.give_back(item)
+            return
+        self.push(item)
+        self.consume(sent)
+
     def __repr__(self) -> str:
         return (
             f"<SendQueue {self.queued_bytes} bytes in {len(self._items)} chunks, "

@@ -527,24 +527,16 @@ class Connection:
                 if got:
                     queue.push_bytes(bytes(target[:got]))
             elif got:
+                slab.start, slab.end = 0, got
                 if got < size and not queue:
                     # All OpenSSL had, nothing queued ahead of it (a request's reply, the usual
-                    # case): send it straight from the slab, queue only what the kernel left.
+                    # case): straight to the client socket.
                     try:
-                        sent = self.client.send(target[:got])
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
+                        queue.send_or_push(self.client, slab)
                     except OSError as exc:
-                        pool.give_back(slab)
                         self.close(f"client write failed: {exc.strerror or exc}", error=False)
                         return True
-                    if sent == got:
-                        pool.give_back(slab)
-                    else:
-                        slab.start, slab.end = sent, got
-                        queue.push_slab(slab)
                 else:
-                    slab.start, slab.end = 0, got
                     queue.push_slab(slab)
             else:
                 pool.give_back(slab)
@@ -603,23 +595,11 @@ class Connection:
         if tls is None or up is None:
             return
         out = tls.outgoing()
-        queue = self.to_upstream
         try:
             if out:
-                if not queue:
-                    # Nothing queued ahead of it (the usual case): send it straight away and queue
-                    # only what the kernel did not take.
-                    try:
-                        sent = up.send(out)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    if sent < len(out):
-                        queue.push_bytes(out)
-                        queue.consume(sent)
-                    return
-                queue.push_bytes(out)
-            if queue:
-                queue.flush_to(up)
+                self.to_upstream.send_or_push(up, out)
+            elif self.to_upstream:
+                self.to_upstream.flush_to(up)
         except OSError as exc:
             self._upstream_broken(f"upstream write failed: {exc.strerror or exc}")
 

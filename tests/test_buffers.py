@@ -426,3 +426,25 @@ class PoolAndQueue(RuleBasedStateMachine):
 
 
 TestPoolAndQueue = PoolAndQueue.TestCase
+
+
+def test_send_or_push_sends_straight_when_empty_and_queues_behind_others() -> None:
+    pool = BufferPool(slab_size=16, slab_count=2)
+    q = SendQueue(pool, high_water=64, low_water=8)
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        slab = pool.borrow()
+        assert slab is not None
+        slab.view[:5] = b"hello"
+        slab.start, slab.end = 0, 5
+        q.send_or_push(a, slab)  # nothing queued: sent at once, slab back in the pool
+        assert not q and pool.in_use == 0 and b.recv(16) == b"hello"
+        q.push_bytes(b"first ")
+        q.send_or_push(a, b"second")  # behind a queued chunk: queued, then flushed in order
+        assert not q and b.recv(32) == b"first second"
+        b.close()
+        with pytest.raises(OSError):
+            q.send_or_push(a, b"lost peer")
+        assert q.queued_bytes == len(b"lost peer")  # kept for clear()
+        q.clear()
